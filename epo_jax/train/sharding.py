@@ -1,0 +1,98 @@
+"""The device mesh and the placement of batches, for one CPU up to a multi-host pod.
+
+Axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters and optimizer
+state sharded across it), `tensor` (heads / MLP columns split across it). A batch is split over
+data x fsdp; parameters follow the model's partition specs. The same code runs whatever the
+axis sizes, 1 x 1 x 1 included.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+    """Resolves the one -1 axis (if any) to the remaining devices and checks the product."""
+    sizes = [int(mesh_cfg[a]) for a in AXES]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes "
+                             f"{dict(zip(AXES, sizes))}; set --config.mesh.* so their product divides it")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh: axes {dict(zip(AXES, sizes))} multiply to {math.prod(sizes)} but "
+                         f"{num_devices} devices are present; make the product equal, or use -1 on one axis")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+    """A Mesh over all (global) devices with axes (data, fsdp, tensor)."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mesh_cfg, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, AssertionError, NotImplementedError):
+        grid = np.asarray(devices).reshape(shape)
+    # Auto axes: partitioning is propagated by XLA from the in/out shardings we give.
+    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """Global batch sizes must be multiples of this (the number of batch shards)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places this process's rows of a batch on the mesh (global batch = all processes' rows).
+
+    On one process this is a plain device_put; on several, each process contributes the rows
+    it collected from its own environments (`jax.make_array_from_process_local_data`).
+    """
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        sharding = batch_sharding(mesh, value.ndim)
+        if jax.process_count() == 1:
+            out[key] = jax.device_put(value, sharding)
+        else:
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def place_params(params: dict, mesh: Mesh) -> dict:
+    """Places the run's params on the mesh: transformer weights ("policy", "critic.backbone") by
+    the model's partition specs, the small heads replicated."""
+    from epo_jax.models import transformer
+
+    def place_model(model_params):
+        specs = transformer.param_partition_specs(model_params, mesh)
+        return jax.device_put(model_params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+
+    placed = {}
+    for name, value in params.items():
+        if name == "policy":
+            placed[name] = place_model(value)
+        elif name == "critic":
+            placed[name] = {"backbone": place_model(value["backbone"]),
+                            "head": jax.device_put(value["head"], replicated(mesh))}
+        else:
+            placed[name] = jax.device_put(value, replicated(mesh))
+    return placed
