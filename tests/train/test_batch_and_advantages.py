@@ -1,0 +1,88 @@
+"""Turn samples -> training arrays, and the per-step advantages, against hand computations."""
+import pathlib
+import runpy
+
+import numpy as np
+import pytest
+
+from epo_jax.rollout.samples import TurnSample
+from epo_jax.train.advantages import make_advantage_fn, trajectory_returns
+from epo_jax.train.batch import bucket, build_batch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def sample(prompt_len, response_len, traj, group, turn, penalty=0.0, episode_reward=0.0, last=False):
+    return TurnSample(prompt_ids=np.arange(3, 3 + prompt_len, dtype=np.int32),
+                      response_ids=np.arange(100, 100 + response_len, dtype=np.int32),
+                      response_logprobs=-np.arange(1, response_len + 1, dtype=np.float32),
+                      response_entropy=np.full(response_len, 0.5, np.float32),
+                      traj_id=traj, group_id=group, turn_index=turn, anchor_id=turn,
+                      valid_format=penalty == 0.0, penalty=penalty, episode_reward=episode_reward,
+                      last_turn=last)
+
+
+def test_bucket():
+    assert bucket(1, (4, 8)) == 4 and bucket(4, (4, 8)) == 4 and bucket(5, (4, 8)) == 8
+    with pytest.raises(ValueError, match="largest bucket 8"):
+        bucket(9, (4, 8))
+
+
+def test_build_batch_layout():
+    samples = [sample(3, 2, 0, 0, 0), sample(5, 4, 0, 0, 1, last=True)]
+    b = build_batch(samples, prompt_buckets=(4, 8), response_len=4, row_multiple=4, pad_id=0)
+    assert b["tokens"].shape == (4, 12)  # prompt bucket 8 + response 4; rows rounded to 4
+    # Row 0: prompt left-padded into [5, 8), response right-padded in [8, 10).
+    np.testing.assert_array_equal(b["tokens"][0], [0, 0, 0, 0, 0, 3, 4, 5, 100, 101, 0, 0])
+    np.testing.assert_array_equal(b["attention_mask"][0], [0] * 5 + [1] * 5 + [0] * 2)
+    np.testing.assert_array_equal(b["response_mask"][0], [1, 1, 0, 0])
+    np.testing.assert_array_equal(b["old_logprobs"][1], [-1, -2, -3, -4])
+    np.testing.assert_array_equal(b["valid"], [True, True, False, False])
+    np.testing.assert_array_equal(b["response_mask"][2:], 0)
+    assert len(set(b["traj_id"][2:]) & {0}) == 0  # padding joins no real trajectory
+    np.testing.assert_array_equal(b["last_turn"], [False, True, False, False])
+
+
+def test_trajectory_returns_sum_penalties_once():
+    # Trajectory 0: turns with penalties -0.1, 0, -0.1, episode reward 10; trajectory 1: 0.
+    episode = np.array([10, 10, 10, 0, 0], np.float32)
+    penalty = np.array([-0.1, 0, -0.1, 0, -0.1], np.float32)
+    traj = np.array([0, 0, 0, 1, 1], np.int32)
+    valid = np.array([True] * 5)
+    np.testing.assert_allclose(trajectory_returns(episode, penalty, traj, valid),
+                               [9.8, 9.8, 9.8, -0.1, -0.1], rtol=1e-6)
+
+
+def config_with(advantage):
+    c = runpy.run_path(str(ROOT / "configs" / "base.py"))["get_config"]()
+    c.algo.advantage = advantage
+    return c
+
+
+def test_grpo_step_matches_numpy():
+    """Two groups of two trajectories; GRPO over trajectory returns, broadcast to tokens."""
+    samples = [sample(2, 2, 0, 0, 0, episode_reward=10, last=True),
+               sample(2, 3, 1, 0, 0, penalty=-0.1), sample(2, 1, 1, 0, 1, last=True),
+               sample(2, 2, 2, 1, 0, episode_reward=10, last=True),
+               sample(2, 2, 3, 1, 0, episode_reward=10, last=True)]
+    b = build_batch(samples, prompt_buckets=(4,), response_len=3, row_multiple=8, pad_id=0)
+    adv = np.asarray(make_advantage_fn(config_with("grpo"))(b)["advantages"])
+    returns = {0: 10.0, 1: -0.1}
+    mean, std = np.mean(list(returns.values())), np.std(list(returns.values()), ddof=1)
+    expected0 = (10.0 - mean) / (std + 1e-6)
+    np.testing.assert_allclose(adv[0], [expected0, expected0, 0], rtol=1e-5)
+    np.testing.assert_allclose(adv[1], [-expected0] * 3, rtol=1e-5)
+    np.testing.assert_allclose(adv[2], [-expected0, 0, 0], rtol=1e-5)
+    np.testing.assert_allclose(adv[3:], 0, atol=1e-6)  # equal returns in group 1; padding rows
+
+
+def test_ppo_gae_with_zero_values_is_the_turn_reward_then_whitened():
+    samples = [sample(2, 2, 0, 0, 0, penalty=-0.1, episode_reward=10),
+               sample(2, 3, 0, 0, 1, episode_reward=10, last=True)]
+    b = build_batch(samples, prompt_buckets=(4,), response_len=3, row_multiple=2, pad_id=0)
+    c = config_with("ppo_gae")
+    c.algo.whiten_advantages = False
+    out = make_advantage_fn(c)(b, np.zeros((2, 3), np.float32))
+    # gamma = lambda = 1, V = 0: every token's advantage is its turn's reward.
+    np.testing.assert_allclose(out["advantages"], [[9.9, 9.9, 0], [10, 10, 10]], rtol=1e-6)
+    np.testing.assert_allclose(out["returns"], out["advantages"])
