@@ -13,13 +13,24 @@ policies or losses: it takes action *text* and returns observation *text*.
     task_description (str), admissible_actions (list[str] | None; filled only when the
     environment was created with `admissible=True`, since computing them is expensive
     for ScienceWorld).
+
+Every engine module (`epo_jax/envs/<name>.py`) also exposes a module-level
+`episodes(split, **options) -> list[EpisodeSpec]` listing the episodes of a split, so
+that `epo_jax.envs.episodes(name, split)` can dispatch to it.
 """
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, NamedTuple
 
 INFO_KEYS = ("won", "score", "task", "variation", "task_description", "admissible_actions")
+
+
+class EpisodeSpec(NamedTuple):
+    """One episode of a split: an engine task and one of its variations (or game index)."""
+
+    task: str
+    variation: int
 
 
 class EnvCrashed(RuntimeError):
@@ -40,6 +51,22 @@ class TextEnv(abc.ABC):
 
     def close(self) -> None:
         """Releases the engine (processes, files)."""
+
+    def seed(self, seed: int) -> None:
+        """Seeds the engine's own randomness.
+
+        The pool calls it with a distinct seed per environment after creating (or
+        restarting) it. Engines whose episodes are fully determined by (task, variation)
+        keep this default, which has nothing to seed.
+        """
+
+    def kill(self) -> None:
+        """Ends the engine at once; may be called from any thread while a step hangs.
+
+        Engines that run in their own process override it to kill that process, which
+        also unblocks the hung call. The default falls back to `close()`.
+        """
+        self.close()
 
     def __enter__(self):
         return self

@@ -1,0 +1,500 @@
+"""A pool of N text environments stepped in parallel, with groups, a turn limit and faults.
+
+    pool = EnvPool(functools.partial(epo_jax.envs.make, "scienceworld"), num_envs=16,
+                   group_size=8, max_turns=30)
+    first = pool.reset([EpisodeSpec("boil", 3), EpisodeSpec("melt", 7)])  # one per group
+    while pool.active.any():
+        results = pool.step({i: policy(i) for i in np.flatnonzero(pool.active)})
+    pool.close()
+
+Every environment lives in a slot served by its own daemon thread, so the calls of all
+slots run at once and the calls of one slot run in order. Two backends:
+
+  - "thread": the environment object lives in this process. Right for engines that run
+    out of process already (ScienceWorld: one JVM per environment via py4j) and release
+    the GIL while they wait.
+  - "process": the environment lives in a spawned child process (`SubprocessEnv`), for
+    pure-Python engines (ALFWorld / TextWorld) that would otherwise share one GIL.
+
+Groups: env i belongs to group i // group_size, and `reset` takes one episode per group,
+so all members of a group play the same task and variation (GRPO, GiGPO).
+
+Faults: a call that raises (EnvCrashed when an engine process died) or does not answer
+within `step_timeout_s` ends that environment's episode with a StepResult flagged
+`crashed=True, truncated=True` (never counted as a policy failure); the engine is killed
+and rebuilt in the background, and the other environments carry on. A reset that fails
+is retried on a fresh engine.
+
+Shutdown: `close()`, the context manager, or interpreter exit (atexit) close every
+engine; a JVM also dies on its own when this process exits (py4j die_on_exit), and a
+child process when its pipe closes, so no engine outlives the pool.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import multiprocessing
+import queue
+import threading
+import traceback
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from epo_jax.envs.base import EnvCrashed, EpisodeSpec, TextEnv
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("thread", "process")
+
+
+class StepResult(NamedTuple):
+    """What one environment returned for one action.
+
+    done: the engine ended the episode (won or lost). truncated: the episode was cut
+    short, by the turn limit or by an engine fault. crashed: the engine died or hung;
+    the episode says nothing about the policy. A crashed step has observation "",
+    reward 0, and the episode's last info with won=False and a "crash_reason".
+    """
+
+    observation: str
+    reward: float
+    done: bool
+    truncated: bool
+    crashed: bool
+    info: dict[str, Any]
+
+
+class ResetResult(NamedTuple):
+    """The first observation of an episode and its info."""
+
+    observation: str
+    info: dict[str, Any]
+
+
+class _SlotThread:
+    """A daemon thread running one slot's calls in submission order.
+
+    Daemon, unlike ThreadPoolExecutor's workers: a call stuck in a dead engine must not
+    hold up interpreter exit.
+    """
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fn, future))
+        return future
+
+    def stop(self) -> None:
+        """Ends the thread after the call it is running (if any)."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except BaseException as error:  # handed to the caller through the future
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+
+def _subprocess_main(conn, factory: Callable[[], TextEnv]) -> None:
+    """Child side of SubprocessEnv: build the environment, then serve calls until told."""
+    try:
+        env = factory()
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    try:
+        while True:
+            try:
+                method, args = conn.recv()
+            except EOFError:  # the parent is gone
+                return
+            if method == "close":
+                return
+            try:
+                result = getattr(env, method)(*args)
+            except EnvCrashed as error:
+                conn.send(("crashed", str(error)))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+            else:
+                conn.send(("ok", result))
+    finally:
+        env.close()
+
+
+class SubprocessEnv(TextEnv):
+    """A TextEnv built by `factory` inside a spawned child process.
+
+    `factory` must be picklable (a module-level function or class, or a
+    functools.partial of one). The child dies with its pipe, so it cannot outlive this
+    process. As with any spawned process, scripts must guard their entry point with
+    `if __name__ == "__main__":`.
+    """
+
+    def __init__(self, factory: Callable[[], TextEnv]):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_subprocess_main, args=(child_conn, factory),
+                                        name="epo-jax-env", daemon=True)
+        self._process.start()
+        child_conn.close()
+        self._finalizer = weakref.finalize(self, _stop_subprocess, self._process, self._conn)
+        self._receive()
+
+    @property
+    def pid(self) -> int:
+        """The child process's id."""
+        return self._process.pid
+
+    def _receive(self) -> Any:
+        try:
+            status, payload = self._conn.recv()
+        except (EOFError, OSError) as error:
+            self._process.join(timeout=1)
+            raise EnvCrashed(f"environment process pid {self._process.pid} died (exit code "
+                             f"{self._process.exitcode})") from error
+        if status == "crashed":
+            raise EnvCrashed(payload)
+        if status == "error":
+            raise RuntimeError(f"environment process pid {self._process.pid} raised:\n{payload}")
+        return payload
+
+    def _request(self, method: str, *args: Any) -> Any:
+        try:
+            self._conn.send((method, args))
+        except (OSError, ValueError) as error:
+            raise EnvCrashed(f"environment process pid {self._process.pid} is gone (exit "
+                             f"code {self._process.exitcode})") from error
+        return self._receive()
+
+    def reset(self, task: str | None = None,
+              variation: int | None = None) -> tuple[str, dict[str, Any]]:
+        return self._request("reset", task, variation)
+
+    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+        return self._request("step", action)
+
+    def seed(self, seed: int) -> None:
+        self._request("seed", seed)
+
+    def kill(self) -> None:
+        """Kills the child at once (any thread); a call blocked on it raises EnvCrashed."""
+        with contextlib.suppress(OSError, ValueError):
+            self._process.kill()
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _stop_subprocess(process, conn) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        conn.send(("close", ()))
+    process.join(timeout=10)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    conn.close()
+
+
+class _Slot:
+    """One environment's place in the pool; `env` is replaced when the engine restarts."""
+
+    def __init__(self, index: int, seed: int):
+        self.index = index
+        self.seed = seed
+        self.worker: _SlotThread | None = None
+        self.env: TextEnv | None = None
+        self.created: concurrent.futures.Future | None = None
+        self.restarts = 0
+
+
+def _build_slot_env(slot: _Slot, make_env: Callable[[], TextEnv]) -> None:
+    env = make_env()
+    slot.env = env
+    env.seed(slot.seed)
+
+
+def _kill_quietly(env: TextEnv) -> None:
+    try:
+        env.kill()
+    except Exception:  # the engine is being discarded; nothing more can go wrong with it
+        logger.debug("kill() of a discarded environment raised", exc_info=True)
+
+
+def _close_slot_env(slot: _Slot) -> None:
+    if slot.env is not None:
+        slot.env.close()
+
+
+def _close_slots(slots: list[_Slot], timeout_s: float) -> None:
+    """Closes every slot's environment, killing those that do not close in time."""
+    closing = {}
+    for slot in slots:
+        if slot.worker is None:
+            continue
+        # Queued behind a pending build, so an engine still starting is closed too.
+        closing[slot.index] = slot.worker.submit(
+            functools.partial(_close_slot_env, slot))
+        slot.worker.stop()
+    _, late = concurrent.futures.wait(list(closing.values()), timeout=timeout_s)
+    for slot in slots:
+        if slot.index in closing and closing[slot.index] in late and slot.env is not None:
+            _kill_quietly(slot.env)
+        slot.env = None
+        slot.worker = None
+
+
+class EnvPool:
+    """N environments with batched reset/step over the active ones (see module doc).
+
+    Args:
+      factory: builds one environment, e.g. functools.partial(epo_jax.envs.make, name,
+        **options); must be picklable for the process backend.
+      num_envs: number of environments, a multiple of group_size.
+      group_size: environments per group; `reset` takes num_envs // group_size episodes.
+      backend: "thread" or "process".
+      seed: environment i is seeded with seed + i (again after a restart).
+      max_turns: turns after which a running episode is truncated.
+      step_timeout_s: a reset or step that takes longer counts as a hung engine.
+      start_timeout_s: time allowed to build one environment.
+      max_reset_attempts: fresh engines tried for one failing reset before giving up.
+    """
+
+    def __init__(self, factory: Callable[[], TextEnv], num_envs: int, *, group_size: int = 1,
+                 backend: str = "thread", seed: int = 0, max_turns: int = 30,
+                 step_timeout_s: float = 60.0, start_timeout_s: float = 600.0,
+                 max_reset_attempts: int = 3):
+        if not callable(factory):
+            raise TypeError(f"factory={factory!r} must be callable and return a TextEnv.")
+        if num_envs < 1:
+            raise ValueError(f"num_envs={num_envs!r} must be at least 1.")
+        if group_size < 1 or num_envs % group_size:
+            raise ValueError(f"group_size={group_size!r} must be positive and divide "
+                             f"num_envs={num_envs}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}.")
+        if max_turns < 1:
+            raise ValueError(f"max_turns={max_turns!r} must be at least 1.")
+        for name, value in (("step_timeout_s", step_timeout_s),
+                            ("start_timeout_s", start_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"{name}={value!r} must be positive.")
+        if max_reset_attempts < 1:
+            raise ValueError(f"max_reset_attempts={max_reset_attempts!r} must be at least 1.")
+        self._make_env = (functools.partial(SubprocessEnv, factory) if backend == "process"
+                          else factory)
+        self.num_envs = num_envs
+        self.group_size = group_size
+        self.backend = backend
+        self.max_turns = max_turns
+        self.step_timeout_s = float(step_timeout_s)
+        self.start_timeout_s = float(start_timeout_s)
+        self.max_reset_attempts = max_reset_attempts
+        self._slots = [_Slot(i, seed + i) for i in range(num_envs)]
+        self._active = np.zeros(num_envs, dtype=bool)
+        self._turns = np.zeros(num_envs, dtype=np.int32)
+        self._episodes: list[EpisodeSpec | None] = [None] * num_envs
+        self._last_info: list[dict[str, Any]] = [{} for _ in range(num_envs)]
+        self._finalizer = weakref.finalize(self, _close_slots, self._slots, 30.0)
+        for slot in self._slots:
+            self._start(slot)
+        failed = self._wait_created(self._slots)
+        if failed:
+            self.close()
+            raise EnvCrashed("could not build environments "
+                             + "; ".join(f"{i}: {reason}" for i, reason in failed.items()))
+
+    # --- Slots -------------------------------------------------------------------------
+
+    def _start(self, slot: _Slot) -> None:
+        slot.worker = _SlotThread(f"epo-jax-env-{slot.index}")
+        slot.env = None
+        slot.created = slot.worker.submit(functools.partial(_build_slot_env, slot,
+                                                            self._make_env))
+
+    def _restart(self, slot: _Slot, reason: str) -> None:
+        """Discards a slot's engine and builds a fresh one in the background."""
+        logger.warning("environment %d: %s; restarting its engine", slot.index, reason)
+        old_env, old_worker = slot.env, slot.worker
+        if old_env is not None:
+            # A hung close()/kill() must not block the pool.
+            threading.Thread(target=_kill_quietly, args=(old_env,), daemon=True).start()
+        if old_worker is not None:
+            old_worker.stop()
+        slot.restarts += 1
+        self._start(slot)
+
+    def _wait_created(self, slots: Sequence[_Slot]) -> dict[int, str]:
+        """Waits until the given slots hold an environment; returns {index: failure}."""
+        outcomes = self._gather({slot.index: slot.created for slot in slots},
+                                self.start_timeout_s, "start")
+        return {i: reason for i, (ok, reason) in outcomes.items() if not ok}
+
+    @staticmethod
+    def _gather(futures: Mapping[int, concurrent.futures.Future], timeout_s: float,
+                what: str) -> dict[int, tuple[bool, Any]]:
+        """Waits for the futures; {index: (True, result) | (False, failure text)}."""
+        _, late = concurrent.futures.wait(list(futures.values()), timeout=timeout_s)
+        outcomes = {}
+        for index, future in futures.items():
+            if future in late:
+                outcomes[index] = (False, f"{what} did not answer within {timeout_s:g} s")
+                continue
+            error = future.exception()
+            if error is None:
+                outcomes[index] = (True, future.result())
+            else:
+                if not isinstance(error, EnvCrashed):
+                    logger.warning("environment %d: %s raised", index, what,
+                                   exc_info=(type(error), error, error.__traceback__))
+                outcomes[index] = (False, f"{what} raised {type(error).__name__}: {error}")
+        return outcomes
+
+    # --- Public API --------------------------------------------------------------------
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_envs // self.group_size
+
+    @property
+    def group_ids(self) -> np.ndarray:
+        """int32 [num_envs]: the group of each environment."""
+        return np.arange(self.num_envs, dtype=np.int32) // self.group_size
+
+    @property
+    def active(self) -> np.ndarray:
+        """bool [num_envs]: environments whose episode is still running (a copy)."""
+        return self._active.copy()
+
+    @property
+    def turns(self) -> np.ndarray:
+        """int32 [num_envs]: actions taken in the current episode (a copy)."""
+        return self._turns.copy()
+
+    @property
+    def episodes(self) -> list[EpisodeSpec | None]:
+        """The episode each environment plays (None before the first reset)."""
+        return list(self._episodes)
+
+    @property
+    def restarts(self) -> np.ndarray:
+        """int32 [num_envs]: how often each environment's engine was rebuilt."""
+        return np.array([slot.restarts for slot in self._slots], dtype=np.int32)
+
+    def env(self, index: int) -> TextEnv:
+        """The environment now in slot `index`; it is replaced when its engine restarts.
+
+        Waits for a restarting slot's new engine.
+        """
+        slot = self._slots[index]
+        slot.created.result(timeout=self.start_timeout_s)
+        return slot.env
+
+    def reset(self, episodes: Sequence[EpisodeSpec | tuple[str, int]]) -> list[ResetResult]:
+        """Starts one episode per group (environment i plays episodes[i // group_size]).
+
+        Returns one ResetResult per environment. An environment whose reset fails is
+        rebuilt and tried again, up to max_reset_attempts times, then EnvCrashed is raised.
+        """
+        if isinstance(episodes, (str, bytes)) or len(episodes) != self.num_groups:
+            raise ValueError(f"reset() takes one episode per group: {self.num_groups} "
+                             f"(num_envs={self.num_envs} / group_size={self.group_size}), got "
+                             f"{episodes!r:.200}.")
+        specs = [EpisodeSpec(str(task), int(variation)) for task, variation in episodes]
+        results: list[ResetResult | None] = [None] * self.num_envs
+        pending = list(self._slots)
+        failures: dict[int, str] = {}
+        for _ in range(self.max_reset_attempts):
+            failures = self._wait_created(pending)
+            ready = [slot for slot in pending if slot.index not in failures]
+            futures = {}
+            for slot in ready:
+                spec = specs[slot.index // self.group_size]
+                futures[slot.index] = slot.worker.submit(
+                    functools.partial(slot.env.reset, spec.task, spec.variation))
+            for index, (ok, value) in self._gather(futures, self.step_timeout_s,
+                                                   "reset").items():
+                if ok:
+                    results[index] = ResetResult(*value)
+                else:
+                    failures[index] = value
+            for index, reason in failures.items():
+                self._restart(self._slots[index], reason)
+            pending = [self._slots[index] for index in sorted(failures)]
+            if not pending:
+                break
+        if pending:
+            raise EnvCrashed(f"reset failed {self.max_reset_attempts} times for environments "
+                             + "; ".join(f"{i}: {reason}" for i, reason in failures.items()))
+        for index, result in enumerate(results):
+            self._episodes[index] = specs[index // self.group_size]
+            self._last_info[index] = result.info
+        self._active[:] = True
+        self._turns[:] = 0
+        return results
+
+    def step(self, actions: Mapping[int, str]) -> dict[int, StepResult]:
+        """Steps the named active environments in parallel: {env index: action text}.
+
+        Returns {env index: StepResult}. An environment leaves the active set when its
+        result is done or truncated (turn limit or crash).
+        """
+        if not isinstance(actions, Mapping):
+            raise TypeError(f"actions must map environment index -> action text, got "
+                            f"{type(actions).__name__}.")
+        for index, action in actions.items():
+            if not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_envs:
+                raise ValueError(f"actions has key {index!r}; environment indices are "
+                                 f"0..{self.num_envs - 1}.")
+            if not self._active[index]:
+                raise ValueError(f"environment {index} is not active (its episode ended); "
+                                 "reset() before stepping it again.")
+            if not isinstance(action, str):
+                raise TypeError(f"actions[{index}] must be a str, got "
+                                f"{type(action).__name__}: {action!r:.100}")
+        futures = {}
+        for index, action in actions.items():
+            slot = self._slots[int(index)]
+            futures[int(index)] = slot.worker.submit(functools.partial(slot.env.step, action))
+        results = {}
+        for index, (ok, value) in self._gather(futures, self.step_timeout_s, "step").items():
+            if ok:
+                observation, reward, done, info = value
+                self._turns[index] += 1
+                truncated = bool(not done and self._turns[index] >= self.max_turns)
+                results[index] = StepResult(observation, float(reward), bool(done), truncated,
+                                            False, info)
+                self._last_info[index] = info
+                self._active[index] = not (done or truncated)
+            else:
+                info = {**self._last_info[index], "won": False, "crash_reason": value}
+                results[index] = StepResult("", 0.0, False, True, True, info)
+                self._active[index] = False
+                self._restart(self._slots[index], value)
+        return {index: results[index] for index in futures}
+
+    def close(self) -> None:
+        """Closes every environment (killing those that hang); safe to call twice."""
+        self._finalizer()
+
+    def __enter__(self) -> EnvPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
