@@ -45,7 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.env.success_reward = 10.0
     c.env.invalid_action_penalty = -0.1
     c.env.history_length = 2           # (observation, action) pairs shown in full in the prompt
-    c.env.show_admissible_actions = True
+    c.env.show_actions = True          # list the actions in the prompt (ScienceWorld: templates + objects, as EPO; ALFWorld: admissible commands)
     c.env.jvm_heap = "512m"
     c.env.step_timeout_s = 60.0
     c.env.data_dir = ""                # ALFWorld games; "" = the generated offline games

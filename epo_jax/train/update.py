@@ -38,8 +38,11 @@ def init_train_state(config, params: Any, optimizer: optax.GradientTransformatio
     params = sharding.place_params(params, mesh)
     replicated = sharding.replicated(mesh)
     opt_state = jax.jit(optimizer.init)(params)  # moments follow their params' sharding
-    opt_state = jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size
-                             else jax.device_put(x, replicated), opt_state)
+    # Commit every leaf (scalars replicated) so that the update's outputs, which are committed,
+    # match its inputs and the second step does not compile again.
+    opt_state = jax.tree.map(
+        lambda x: jax.device_put(x, x.sharding if len(x.sharding.device_set) == mesh.size
+                                 and x.ndim else replicated), opt_state)
     return TrainState(params=params, opt_state=opt_state,
                       loss_state=jax.device_put(loss_state_init(config), replicated),
                       rng=jax.device_put(jax.random.key(config.seed), replicated))

@@ -1,0 +1,316 @@
+"""The RL loop: rollouts in real environments, sharded jitted updates, checkpoints, metrics, eval.
+
+    train_and_evaluate(config)   # what `python -m epo_jax.main` runs
+
+One RL step k:
+  1. rollout: `num_groups` episode specs from the shuffled train split (a cursor into it is part
+     of the checkpoint); every group of `group_size` environments plays its spec; each turn is
+     one batched sampler call for all active environments (epo_jax.rollout.agent_loop).
+  2. batch: turn samples -> padded arrays (epo_jax.train.batch), sharded over data x fsdp.
+  3. score: critic values and reference log-probs, one jitted forward.
+  4. advantages: GAE / GRPO / Dr.GRPO / RLOO / GiGPO (epo_jax.train.advantages).
+  5. update: PPO epochs x minibatches x micro-batches with EPO's objective (epo_jax.train.update).
+  6. metrics, checkpoint every `checkpoint.every_steps` (and on SIGTERM), evaluation every
+     `eval.every_steps` on the IID and OOD splits at the eval temperature.
+The PRNG key of step k is fold_in(seed key, k): a resumed run draws exactly what an
+uninterrupted one would.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from epo_jax import envs
+from epo_jax.models.loading import load_pretrained
+from epo_jax.rollout import agent_loop
+from epo_jax.train import batch as batch_lib
+from epo_jax.train import optim, policy, sharding
+from epo_jax.train.advantages import make_advantage_fn
+from epo_jax.train.checkpoint import Checkpointer
+from epo_jax.train.metrics import MetricsWriter, progress_line
+from epo_jax.train.update import TrainState, init_train_state, make_update_fn
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag checked between steps, so the step in flight completes and is saved."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM: finishing this step, saving a checkpoint, then exiting")
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop: all processes must save and leave at the same
+        step, or the ones still running would wait forever in the next collective."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+        return bool(np.any(flags))
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _train_specs(config) -> list[envs.EpisodeSpec]:
+    """The train split in a seed-determined order (the cursor walks it, wrapping around)."""
+    options = {"tasks": tuple(config.env.tasks)} if config.env.tasks else {}
+    if config.env.name == "alfworld" and config.env.data_dir:
+        options["data_dir"] = config.env.data_dir
+    specs = envs.episodes(config.env.name, config.env.train_split, **options)
+    if not specs:
+        raise ValueError(f"env.train_split={config.env.train_split!r} with env.tasks={tuple(config.env.tasks)} "
+                         "has no episodes; check the task names")
+    order = np.random.default_rng(config.seed).permutation(len(specs))
+    return [specs[i] for i in order]
+
+
+def _eval_specs(config, split: str) -> list[envs.EpisodeSpec]:
+    options = {"tasks": tuple(config.env.tasks)} if config.env.tasks else {}
+    if config.env.name == "alfworld" and config.env.data_dir:
+        options["data_dir"] = config.env.data_dir
+    specs = envs.episodes(config.env.name, split, **options)
+    # A fixed, evenly spread subset, the same at every evaluation.
+    idx = np.linspace(0, len(specs) - 1, num=min(config.eval.num_episodes, len(specs))).round().astype(int)
+    return [specs[i] for i in sorted(set(idx))]
+
+
+def _env_options(config) -> dict[str, Any]:
+    options: dict[str, Any] = {"reward": config.env.reward,
+                               "success_reward": float(config.env.success_reward)}
+    if config.env.name == "scienceworld":
+        # EPO shows ScienceWorld's action templates and objects (the ~3k valid combinations
+        # would not fit a prompt); ALFWorld's admissible commands are few and cheap.
+        options.update(simplification=config.env.simplification, jvm_heap=config.env.jvm_heap,
+                       available_actions=bool(config.env.show_actions))
+    else:
+        options["admissible"] = bool(config.env.show_actions)
+        if config.env.data_dir:
+            options["data_dir"] = config.env.data_dir
+    return options
+
+
+def _episode_metrics(prefix: str, episodes: list) -> dict[str, float]:
+    finished = [e for e in episodes if not e.crashed]
+    out = {f"{prefix}episodes": float(len(finished)),
+           f"{prefix}crashed_episodes": float(len(episodes) - len(finished))}
+    if finished:
+        out[f"{prefix}success_rate"] = float(np.mean([e.won for e in finished]))
+        out[f"{prefix}reward_mean"] = float(np.mean([e.reward for e in finished]))
+        out[f"{prefix}score_mean"] = float(np.mean([e.score for e in finished]))
+        out[f"{prefix}turns_mean"] = float(np.mean([e.num_turns for e in finished]))
+        out[f"{prefix}invalid_turn_rate"] = float(
+            np.sum([e.invalid_turns for e in finished]) / max(1, np.sum([e.num_turns for e in finished])))
+    return out
+
+
+def _micro_batches(num_samples: int, config) -> int:
+    """Micro-batches per minibatch for this step's sample count, rounded up to a power of two so
+    that the update compiles for a handful of shapes only."""
+    per_micro = config.algo.num_minibatches * config.algo.micro_batch_size
+    needed = max(1, -(-num_samples // per_micro))
+    return 1 << (needed - 1).bit_length()
+
+
+def make_score_fn(config, forward_fn, ref_forward_fn):
+    """score(params, ref_params, batch) -> {"old_values"?, "ref_logprobs"?}, in micro-batches."""
+    micro = int(config.algo.micro_batch_size)
+
+    def score(params, ref_params, batch):
+        def one(micro_batch):
+            out = {}
+            if policy.needs_critic(config):
+                out["old_values"] = forward_fn(params, micro_batch)["values"]
+            if ref_params is not None:
+                out["ref_logprobs"] = ref_forward_fn({"policy": ref_params}, micro_batch)["logprobs"]
+            return out
+
+        rows = batch["tokens"].shape[0]
+        inputs = {k: batch[k].reshape(micro, rows // micro, *batch[k].shape[1:]).swapaxes(0, 1)
+                  for k in ("tokens", "attention_mask")}
+        out = jax.lax.map(one, inputs)
+        return {k: v.swapaxes(0, 1).reshape(rows, *v.shape[2:]) for k, v in out.items()}
+
+    return score
+
+
+def train_and_evaluate(config) -> TrainState:
+    """Runs (or resumes) the RL job described by a validated config; returns the final state."""
+    workdir = os.path.abspath(config.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    if config.algo.micro_batch_size % sharding.batch_divisor(mesh):
+        raise ValueError(f"algo.micro_batch_size={config.algo.micro_batch_size} must be a multiple of the "
+                         f"batch shards (mesh data x fsdp = {sharding.batch_divisor(mesh)})")
+
+    loaded = load_pretrained(config.model.path, dtype=config.model.dtype,
+                             param_dtype=config.model.param_dtype, remat=config.model.remat, mesh=mesh)
+    graphdef, policy_params, tokenizer, model_config = (
+        loaded.graphdef, loaded.params, loaded.tokenizer, loaded.config)
+    params = policy.init_params(config, policy_params, model_config.hidden_size)
+    use_ref = bool(config.algo.use_kl_loss)
+    ref_params = jax.tree.map(jnp.copy, policy_params) if use_ref else None
+
+    total_updates = config.train.total_steps * config.algo.ppo_epochs * config.algo.num_minibatches
+    optimizer = optim.make_optimizer(config.optim, total_updates)
+    state = init_train_state(config, params, optimizer, mesh)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+
+    checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    train_specs = _train_specs(config)
+    cursor, start_step = 0, 0
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(state)
+        cursor, start_step = int(meta["cursor"]), int(meta["step"])
+        logging.info("resumed from step %d (%s)", start_step, workdir)
+    writer = MetricsWriter(workdir, resume_step=start_step, jsonl=config.logging.jsonl,
+                           tensorboard=config.logging.tensorboard, enabled=is_main)
+    if is_main:  # what the run was, for `epo_jax.export` and the notebooks
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    forward_fn = policy.make_forward_fn(config, graphdef)
+    update_fn = jax.jit(
+        make_update_fn(config, forward_fn, optimizer),
+        in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
+        donate_argnums=(0,))
+    score_fn = jax.jit(make_score_fn(config, forward_fn,
+                                     policy.make_forward_fn(config, graphdef, with_critic=False)))
+    advantage_fn = jax.jit(make_advantage_fn(config))
+
+    num_envs = config.env.num_groups * config.env.group_size
+    sampler = agent_loop.make_generate_fn(config, graphdef, model_config, tokenizer, mesh)
+    pool = envs.make_pool(config.env.name, num_envs, group_size=config.env.group_size,
+                          max_turns=config.env.max_turns, step_timeout_s=config.env.step_timeout_s,
+                          seed=config.seed, **_env_options(config))
+    base_key = jax.random.key(config.seed)
+    rollout_key, eval_key = jax.random.split(base_key)
+    eval_pool = None
+    try:
+        with _Preemption() as preemption:
+            for step in range(start_step + 1, config.train.total_steps + 1):
+                t0 = time.perf_counter()
+                specs = [train_specs[(cursor + g) % len(train_specs)] for g in range(config.env.num_groups)]
+                rollout = agent_loop.run_episodes(
+                    pool, functools.partial(sampler, state.params["policy"],
+                                            temperature=config.rollout.temperature),
+                    tokenizer, specs, jax.random.fold_in(rollout_key, step), config=config)
+                cursor = (cursor + config.env.num_groups) % len(train_specs)
+                t_rollout = time.perf_counter() - t0
+                samples = [s for s in rollout.samples if not rollout.episodes[s.traj_id].crashed]
+                metrics = {**rollout.stats, **_episode_metrics("", rollout.episodes)}
+                if samples:
+                    t1 = time.perf_counter()
+                    host_batch = batch_lib.build_batch(
+                        samples, prompt_buckets=config.rollout.prompt_buckets,
+                        response_len=config.rollout.max_response_len,
+                        row_multiple=config.algo.num_minibatches * config.algo.micro_batch_size
+                        * _micro_batches(len(samples), config),
+                        pad_id=agent_loop.pad_id(tokenizer))
+                    batch = sharding.shard_batch(host_batch, mesh)
+                    batch.update(score_fn(state.params, ref_params, batch))
+                    batch.update(advantage_fn(batch, batch.get("old_values")))
+                    state, update_metrics = update_fn(state, batch)
+                    update_metrics = jax.device_get(update_metrics)
+                    metrics.update(_update_metrics(update_metrics))
+                    metrics["time/update_s"] = time.perf_counter() - t1
+                    metrics["batch/turn_samples"] = float(len(samples))
+                    metrics["batch/rows"] = float(host_batch["tokens"].shape[0])
+                    metrics["batch/prompt_len"] = float(host_batch["tokens"].shape[1]
+                                                        - config.rollout.max_response_len)
+                else:
+                    logging.warning("step %d: every episode crashed; no update", step)
+                    # Still advance k so the phase schedule and the run stay in step.
+                    state = state._replace(loss_state=state.loss_state._replace(
+                        step=state.loss_state.step + 1))
+                metrics["time/rollout_s"] = t_rollout
+                metrics["time/step_s"] = time.perf_counter() - t0
+                if config.eval.every_steps and (step % config.eval.every_steps == 0
+                                                or step == config.train.total_steps):
+                    if eval_pool is None:
+                        eval_pool = envs.make_pool(
+                            config.env.name, min(num_envs, config.eval.num_episodes), group_size=1,
+                            max_turns=config.env.max_turns, step_timeout_s=config.env.step_timeout_s,
+                            seed=config.seed + 1, **_env_options(config))
+                    t_eval = time.perf_counter()
+                    metrics.update(evaluate(config, state.params["policy"], sampler, tokenizer,
+                                            jax.random.fold_in(eval_key, step), eval_pool))
+                    metrics["time/eval_s"] = time.perf_counter() - t_eval
+                scalars = writer.write(step, metrics)
+                if is_main and step % config.logging.every_steps == 0:
+                    print(progress_line(step, config.train.total_steps, scalars), flush=True)
+                stop = preemption.agreed()
+                if (step % config.checkpoint.every_steps == 0 or step == config.train.total_steps
+                        or stop):
+                    checkpointer.save(step, state, {"step": step, "cursor": cursor})
+                if stop:
+                    logging.warning("preempted after step %d; checkpoint saved", step)
+                    break
+    finally:
+        pool.close()
+        if eval_pool is not None:
+            eval_pool.close()
+        checkpointer.close()
+        writer.close()
+    return state
+
+
+def _update_metrics(raw: dict[str, Any]) -> dict[str, float]:
+    """Flattens the update's metrics; per-turn entropy becomes entropy/turn_<t>."""
+    out = {k: float(v) for k, v in raw.items() if np.ndim(v) == 0}
+    counts = np.asarray(raw["turn_token_count"])
+    sums = np.asarray(raw["turn_entropy_sum"])
+    for t in np.flatnonzero(counts):
+        out[f"entropy/turn_{t:02d}"] = float(sums[t] / counts[t])
+    for key in ("beta", "smooth_penalty", "smooth_fraction", "entropy_reference", "entropy_loss"):
+        if key in out:
+            out[f"epo/{key}"] = out.pop(key)
+    return out
+
+
+def evaluate(config, policy_params, generate, tokenizer, rng, pool) -> dict[str, float]:
+    """Success rate and score on each eval split at the eval temperature, one episode per spec,
+    played in waves of `pool`'s size (a pool of groups of one)."""
+    out: dict[str, float] = {}
+    generate_eval = functools.partial(generate, policy_params, temperature=config.eval.temperature)
+    for split in config.env.eval_splits:
+        specs = _eval_specs(config, split)
+        episodes = []
+        for wave, start in enumerate(range(0, len(specs), pool.num_groups)):
+            chunk = specs[start:start + pool.num_groups]
+            padded = chunk + [chunk[0]] * (pool.num_groups - len(chunk))  # extras are dropped
+            rollout = agent_loop.run_episodes(
+                pool, generate_eval, tokenizer, padded,
+                jax.random.fold_in(jax.random.fold_in(rng, zlib.crc32(split.encode())), wave),
+                config=config)
+            episodes.extend(rollout.episodes[:len(chunk)])
+        out.update(_episode_metrics(f"eval/{split}/", episodes))
+        for task in sorted({e.task for e in episodes}):
+            finished = [e for e in episodes if e.task == task and not e.crashed]
+            if finished:
+                out[f"eval/{split}/success_rate/{task}"] = float(np.mean([e.won for e in finished]))
+                out[f"eval/{split}/score/{task}"] = float(np.mean([e.score for e in finished]))
+    return out
