@@ -12,13 +12,16 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
     """Keep-N checkpoints of (state pytree, JSON meta) under `<workdir>/checkpoints`."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        # Local paths made absolute (orbax needs that); gs:// and other URLs go to orbax as they are.
+        directory = (epath.Path(workdir) / "checkpoints" if "://" in str(workdir)
+                     else epath.Path(os.path.abspath(workdir)) / "checkpoints")
         self._manager = ocp.CheckpointManager(
             directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

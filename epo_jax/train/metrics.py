@@ -1,6 +1,8 @@
 """Run metrics: a JSONL log, TensorBoard event files and a readable progress line.
 
-Only process 0 writes. Every record carries its RL step. A resumed run first drops the records
+Only process 0 writes. The work directory may be local or remote (e.g. `gs://bucket/run`,
+through `etils.epath`): a remote JSONL is rewritten whole at each write (objects there cannot be
+appended to) and TensorBoard events are written locally and copied over. Every record carries its RL step. A resumed run first drops the records
 logged after its checkpoint (steps that will be run again), so the log never repeats or skips
 a step. TensorBoard handles the same case itself: a later event for a step replaces an
 earlier one in its plots.
@@ -10,9 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 
 # Short names of the progress line, in display order.
 _PROGRESS_FIELDS = (
@@ -44,18 +49,36 @@ class MetricsWriter:
                  tensorboard: bool = True, enabled: bool = True):
         """`resume_step`: the step of the checkpoint the run resumes from; records of later
         steps (logged before a crash, and about to be run again) are dropped."""
-        self._jsonl = None
+        self._jsonl_path = None
+        self._records: list[dict[str, Any]] = []
         self._tb = None
+        self._tb_local = self._tb_remote = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        root = epath.Path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        self._remote = is_remote(workdir)
         if jsonl:
-            path = os.path.join(workdir, "metrics.jsonl")
-            _truncate_after(path, resume_step)
-            self._jsonl = open(path, "a", encoding="utf-8")
+            self._jsonl_path = root / "metrics.jsonl"
+            if self._jsonl_path.exists():
+                self._records = [r for r in read_jsonl(self._jsonl_path) if r["step"] <= resume_step]
+            self._rewrite_jsonl()
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb_remote = root / "tensorboard"
+            self._tb_local = (tempfile.mkdtemp(prefix="epo_jax_tb_") if self._remote
+                              else str(self._tb_remote))
+            self._tb = SummaryWriter(self._tb_local)
+
+    def _rewrite_jsonl(self) -> None:
+        """Writes all records atomically (a copy, then a rename where the filesystem has one)."""
+        text = "".join(json.dumps(r) + "\n" for r in self._records)
+        if self._remote:
+            self._jsonl_path.write_text(text)
+            return
+        tmp = self._jsonl_path.with_name("metrics.jsonl.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self._jsonl_path)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Writes every scalar of `metrics` at `step`; returns them as floats."""
@@ -64,24 +87,41 @@ class MetricsWriter:
             scalar = _to_scalar(value)
             if scalar is not None:
                 scalars[key] = scalar
-        if self._jsonl is not None:
+        if self._jsonl_path is not None:
             record = {"step": int(step), **{k: (v if math.isfinite(v) else None)
                                             for k, v in scalars.items()}}
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            self._records.append(record)
+            if self._remote:
+                self._rewrite_jsonl()
+            else:
+                with open(self._jsonl_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
+            if self._remote:
+                self._copy_tensorboard()
         return scalars
 
+    def _copy_tensorboard(self) -> None:
+        self._tb_remote.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(self._tb_local):
+            (self._tb_remote / name).write_bytes(epath.Path(self._tb_local, name).read_bytes())
+
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+        self._jsonl_path = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            if self._remote:
+                self._copy_tensorboard()
+                shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+def is_remote(path: str) -> bool:
+    """A URL-style path (gs://, s3://, ...) rather than a local one."""
+    return "://" in str(path)
 
 
 def progress_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> str:
@@ -93,25 +133,13 @@ def progress_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> 
     return " | ".join(parts)
 
 
-def _truncate_after(path: str, step: int) -> None:
-    """Keeps the records of steps <= `step` (atomically: write a copy, then rename)."""
-    if not os.path.exists(path):
-        return
-    kept = [record for record in read_jsonl(path) if record["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in kept:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Reads a metrics.jsonl into a list of records; a torn last line (a kill mid-write) is skipped."""
+def read_jsonl(path) -> list[dict[str, Any]]:
+    """Reads a metrics.jsonl (local or remote) into a list of records; a torn last line (a kill
+    mid-write) is skipped."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in epath.Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return records

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from epo_jax import envs
@@ -157,8 +158,8 @@ def make_score_fn(config, forward_fn, ref_forward_fn):
 
 def train_and_evaluate(config) -> TrainState:
     """Runs (or resumes) the RL job described by a validated config; returns the final state."""
-    workdir = os.path.abspath(config.workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = config.workdir if "://" in config.workdir else os.path.abspath(config.workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or remote (gs://...)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     if config.algo.micro_batch_size % sharding.batch_divisor(mesh):
@@ -189,8 +190,7 @@ def train_and_evaluate(config) -> TrainState:
     writer = MetricsWriter(workdir, resume_step=start_step, jsonl=config.logging.jsonl,
                            tensorboard=config.logging.tensorboard, enabled=is_main)
     if is_main:  # what the run was, for `epo_jax.export` and the notebooks
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     forward_fn = policy.make_forward_fn(config, graphdef)
     update_fn = jax.jit(

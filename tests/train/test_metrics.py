@@ -33,3 +33,15 @@ def test_non_finite_values_are_written_as_null(tmp_path):
 def test_progress_line():
     line = progress_line(3, 10, {"success_rate": 0.25, "entropy": 0.5, "time/rollout_s": 2.0})
     assert line == "step 3/10 | succ 0.25 | H 0.500 | roll 2.0s"
+
+
+def test_remote_mode_rewrites_the_log_and_copies_events(tmp_path, monkeypatch):
+    """The code path of a gs:// work directory, exercised on a local folder."""
+    from epo_jax.train import metrics
+    monkeypatch.setattr(metrics, "is_remote", lambda path: True)
+    writer = MetricsWriter(str(tmp_path))
+    writer.write(1, {"loss": 1.0})
+    writer.write(2, {"loss": 2.0})
+    writer.close()
+    assert [r["loss"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1.0, 2.0]
+    assert glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))
