@@ -24,6 +24,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}; set fields as --config.a.b=value.")
     config = validate(_CONFIG.value)
+    if not flags.FLAGS["verbosity"].present:
+        # The run prints its own progress line per step; library INFO chatter (orbax logs every
+        # checkpoint file) stays off unless asked for with --verbosity=0.
+        logging.set_verbosity(logging.WARNING)
 
     import jax  # After flag parsing, so that XLA flags and the platform are settled first.
     if config.distributed.initialize:

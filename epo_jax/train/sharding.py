@@ -55,6 +55,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put(tree, sharding_or_tree):
+    """`jax.device_put` that also works when the sharding spans other processes' devices: every
+    process holds the same host values (e.g. the same checkpoint) and contributes its shards."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding_or_tree)
+
+    def one(x, s):
+        host = np.asarray(jax.device_get(x)) if not jax.dtypes.issubdtype(
+            getattr(x, "dtype", np.float32), jax.dtypes.prng_key) else None
+        if host is None:  # typed PRNG keys: place their raw data, then wrap again
+            impl = jax.random.key_impl(x)
+            data = one(jax.random.key_data(x), s)
+            return jax.random.wrap_key_data(data, impl=impl)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    if isinstance(sharding_or_tree, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, sharding_or_tree), tree)
+    return jax.tree.map(one, tree, sharding_or_tree)
+
+
 def batch_divisor(mesh: Mesh) -> int:
     """Global batch sizes must be multiples of this (the number of batch shards)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
@@ -84,7 +104,7 @@ def place_params(params: dict, mesh: Mesh) -> dict:
 
     def place_model(model_params):
         specs = transformer.param_partition_specs(model_params, mesh)
-        return jax.device_put(model_params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+        return put(model_params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
 
     placed = {}
     for name, value in params.items():
@@ -92,7 +112,7 @@ def place_params(params: dict, mesh: Mesh) -> dict:
             placed[name] = place_model(value)
         elif name == "critic":
             placed[name] = {"backbone": place_model(value["backbone"]),
-                            "head": jax.device_put(value["head"], replicated(mesh))}
+                            "head": put(value["head"], replicated(mesh))}
         else:
-            placed[name] = jax.device_put(value, replicated(mesh))
+            placed[name] = put(value, replicated(mesh))
     return placed

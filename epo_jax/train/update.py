@@ -41,11 +41,11 @@ def init_train_state(config, params: Any, optimizer: optax.GradientTransformatio
     # Commit every leaf (scalars replicated) so that the update's outputs, which are committed,
     # match its inputs and the second step does not compile again.
     opt_state = jax.tree.map(
-        lambda x: jax.device_put(x, x.sharding if len(x.sharding.device_set) == mesh.size
-                                 and x.ndim else replicated), opt_state)
+        lambda x: (x if x.committed else jax.device_put(x, x.sharding))
+        if len(x.sharding.device_set) == mesh.size else sharding.put(x, replicated), opt_state)
     return TrainState(params=params, opt_state=opt_state,
-                      loss_state=jax.device_put(loss_state_init(config), replicated),
-                      rng=jax.device_put(jax.random.key(config.seed), replicated))
+                      loss_state=sharding.put(loss_state_init(config), replicated),
+                      rng=sharding.put(jax.random.key(config.seed), replicated))
 
 
 def _tree_where(pred: jax.Array, new: Any, old: Any) -> Any:
