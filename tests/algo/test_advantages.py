@@ -1,0 +1,252 @@
+"""Advantage estimators against numpy loops written from the spec (verl's conventions)."""
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from epo_jax.algo import (
+    expand_to_tokens,
+    gae_advantages,
+    gigpo_advantages,
+    grpo_advantages,
+    place_reward_on_last_token,
+    rloo_advantages,
+    step_discounted_returns,
+    whiten_advantages,
+)
+
+
+def numpy_gae(rewards, values, mask, gamma, lam):
+    """Right-to-left over each row's valid tokens: delta = r + gamma V_next - V, A = delta + gamma lam A_next."""
+    advantages = np.zeros_like(rewards, dtype=np.float64)
+    for b in range(rewards.shape[0]):
+        next_value, next_advantage = 0.0, 0.0
+        for t in reversed(range(rewards.shape[1])):
+            if mask[b, t] == 0:
+                continue
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            next_advantage = delta + gamma * lam * next_advantage
+            next_value = values[b, t]
+            advantages[b, t] = next_advantage
+    returns = np.where(mask > 0, advantages + values, 0.0)
+    return advantages, returns
+
+
+jit_gae = jax.jit(gae_advantages, static_argnames=("gamma", "lam"))
+
+
+def test_gae_hand_computed():
+    # one turn, 3 tokens, reward 1 on the last, gamma = lam = 1: A_t = R - V_t, R = 1
+    rewards = jnp.array([[0.0, 0.0, 1.0, 0.0]])
+    values = jnp.array([[0.2, 0.5, 0.9, 7.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0)
+    np.testing.assert_allclose(advantages, [[0.8, 0.5, 0.1, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(returns, [[1.0, 1.0, 1.0, 0.0]], rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), gamma=st.sampled_from([1.0, 0.9]), lam=st.sampled_from([1.0, 0.95, 0.0]))
+def test_gae_matches_numpy_loop(seed, gamma, lam):
+    rng = np.random.default_rng(seed)
+    shape = (4, 6)
+    mask = (rng.random(shape) < 0.7).astype(np.float32)
+    rewards = np.asarray(place_reward_on_last_token(jnp.asarray(rng.normal(size=4), jnp.float32), jnp.asarray(mask)))
+    rewards = rewards + (rng.random(shape) < 0.2) * rng.normal(size=shape).astype(np.float32) * mask
+    values = rng.normal(size=shape).astype(np.float32)
+    advantages, returns = jit_gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma=gamma, lam=lam)
+    want_advantages, want_returns = numpy_gae(rewards, values, mask, gamma, lam)
+    np.testing.assert_allclose(advantages, want_advantages, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(returns, want_returns, rtol=1e-5, atol=1e-5)
+
+
+def test_place_reward_on_last_token():
+    mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0]], jnp.float32)
+    rewards = place_reward_on_last_token(jnp.array([10.0, -0.1, 5.0, 2.0]), mask)
+    expected = np.zeros((4, 4))
+    expected[0, 1], expected[1, 3], expected[3, 2] = 10.0, -0.1, 2.0
+    np.testing.assert_allclose(rewards, expected, rtol=1e-6)
+    expanded = expand_to_tokens(jnp.array([1.0, 2.0, 3.0, 4.0]), mask)
+    np.testing.assert_allclose(expanded, mask * np.array([[1], [2], [3], [4]]))
+
+
+def test_whitening_matches_numpy():
+    rng = np.random.default_rng(0)
+    advantages = rng.normal(loc=3.0, scale=2.0, size=(3, 5)).astype(np.float32)
+    mask = (rng.random((3, 5)) < 0.7).astype(np.float32)
+    valid = advantages[mask > 0].astype(np.float64)
+    expected = (advantages - valid.mean()) / np.sqrt(valid.var(ddof=1) + 1e-8)
+    got = whiten_advantages(jnp.asarray(advantages), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got)[mask > 0], expected[mask > 0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got)[mask == 0], 0.0)
+    unshifted = whiten_advantages(jnp.asarray(advantages), jnp.asarray(mask), shift_mean=False)
+    np.testing.assert_allclose(np.asarray(unshifted)[mask > 0], expected[mask > 0] + valid.mean(), rtol=1e-4)
+
+
+def numpy_group_normalize(scores, groups, members, normalize_by_std, eps=1e-6):
+    """verl's GRPO statistics: mean and unbiased std over each group's members; singletons: 0 and 1."""
+    by_group = collections.defaultdict(list)
+    for i in np.nonzero(members)[0]:
+        by_group[groups[i]].append(scores[i])
+    out = np.zeros(len(scores))
+    for i in range(len(scores)):
+        group = by_group[groups[i]]
+        mean, std = (np.mean(group), np.std(group, ddof=1)) if len(group) > 1 else (0.0, 1.0)
+        out[i] = (scores[i] - mean) / (std + eps) if normalize_by_std else scores[i] - mean
+    return out
+
+
+def test_grpo_hand_computed():
+    # group 0: scores 0, 10, 10, 0 (mean 5, unbiased std sqrt(100/3)); group 1: a single trajectory
+    scores = jnp.array([0.0, 10.0, 10.0, 0.0, 3.0])
+    groups = jnp.array([4, 4, 4, 4, 9])
+    std = np.sqrt(100.0 / 3.0)
+    z = 5 / (std + 1e-6)
+    np.testing.assert_allclose(grpo_advantages(scores, groups), [-z, z, z, -z, 3.0 / (1 + 1e-6)], rtol=1e-5)
+    np.testing.assert_allclose(grpo_advantages(scores, groups, normalize_by_std=False), [-5, 5, 5, -5, 3.0], rtol=1e-6)
+
+
+MAX_ROWS = 36
+jit_grpo = jax.jit(grpo_advantages, static_argnames=("normalize_by_std",))
+jit_rloo = jax.jit(rloo_advantages)
+jit_gigpo = jax.jit(gigpo_advantages, static_argnames=("omega", "gamma", "normalize_by_std"))
+jit_step_returns = jax.jit(step_discounted_returns, static_argnames=("gamma",))
+
+
+@st.composite
+def turn_batches(draw):
+    """Turn samples of trajectories in episode groups: (scores, group, traj, turn, anchor, valid)."""
+    rng = np.random.default_rng(draw(st.integers(0, 10_000)))
+    rows = []
+    for group in range(draw(st.integers(1, 3))):
+        for traj in range(draw(st.integers(1, 4))):
+            traj_id = 100 * group + traj
+            score = float(rng.choice([0.0, 10.0, 3.0]))
+            for turn in range(int(rng.integers(1, 4))):
+                rows.append((score, group, traj_id, turn, int(rng.integers(0, 3)), bool(rng.random() < 0.9)))
+    # Pad to a fixed row count with invalid rows so that one compilation serves every example.
+    rows += [(7.0, int(rng.integers(0, 3)), int(rng.integers(0, 300)), 0, 0, False)] * (MAX_ROWS - len(rows))
+    order = rng.permutation(len(rows))
+    columns = list(zip(*[rows[i] for i in order]))
+    return [np.array(c) for c in columns]
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=turn_batches(), normalize_by_std=st.booleans())
+def test_grpo_counts_each_trajectory_once(batch, normalize_by_std):
+    scores, groups, trajs, _, _, valid = batch
+    # members: the first valid row of each trajectory
+    members = np.zeros(len(scores), bool)
+    seen = set()
+    for i in range(len(scores)):
+        if valid[i] and trajs[i] not in seen:
+            members[i] = True
+            seen.add(trajs[i])
+    expected = np.where(valid, numpy_group_normalize(scores, groups, members, normalize_by_std), 0.0)
+    got = jit_grpo(
+        scores.astype(np.float32), groups, traj_id_N=trajs, valid_N=valid, normalize_by_std=normalize_by_std
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=turn_batches())
+def test_rloo_is_score_minus_mean_of_the_others(batch):
+    scores, groups, trajs, _, _, valid = batch
+    first = {}
+    for i in range(len(scores)):
+        if valid[i]:
+            first.setdefault(trajs[i], i)
+    expected = np.zeros(len(scores))
+    for i in np.nonzero(valid)[0]:
+        others = [scores[j] for t, j in first.items() if groups[j] == groups[i] and t != trajs[i]]
+        expected[i] = scores[i] - np.mean(others) if others else scores[i]
+    got = jit_rloo(scores.astype(np.float32), groups, traj_id_N=trajs, valid_N=valid)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def numpy_step_returns(rewards, trajs, turns, valid, gamma):
+    """G_t = r_t + gamma G_{t+1} along each trajectory's turns."""
+    returns = np.zeros(len(rewards))
+    for traj in set(trajs[valid]):
+        rows = sorted((turns[i], i) for i in np.nonzero((trajs == traj) & valid)[0])
+        running, previous_turn = 0.0, None
+        for turn, i in reversed(rows):
+            if previous_turn is not None:
+                running *= gamma ** (previous_turn - turn)
+            running = rewards[i] + running
+            returns[i] = running
+            previous_turn = turn
+    return returns
+
+
+def test_step_discounted_returns_hand_computed():
+    # one trajectory with turns 0, 1, 2 (shuffled rows) and rewards -0.1, 0, 10
+    rewards = jnp.array([10.0, -0.1, 0.0])
+    turns = jnp.array([2, 0, 1])
+    got = step_discounted_returns(rewards, jnp.zeros(3, jnp.int32), turns, gamma=0.95)
+    np.testing.assert_allclose(got, [10.0, -0.1 + 0.95**2 * 10.0, 0.95 * 10.0], rtol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=turn_batches(), normalize_by_std=st.booleans(), omega=st.sampled_from([1.0, 0.5]))
+def test_gigpo_matches_numpy(batch, normalize_by_std, omega):
+    scores, groups, trajs, turns, anchors, valid = batch
+    rng = np.random.default_rng(len(scores))
+    step_rewards = rng.choice([0.0, -0.1, 10.0], size=len(scores))
+    gamma = 0.95
+    members = np.zeros(len(scores), bool)
+    seen = set()
+    for i in range(len(scores)):
+        if valid[i] and trajs[i] not in seen:
+            members[i] = True
+            seen.add(trajs[i])
+    episode = numpy_group_normalize(scores, groups, members, normalize_by_std)
+    step_returns = numpy_step_returns(step_rewards, trajs, turns, valid, gamma)
+    step_groups = np.array([hash((g, a)) for g, a in zip(groups, anchors)])
+    step = numpy_group_normalize(step_returns, step_groups, valid, normalize_by_std)
+    expected = np.where(valid, episode + omega * step, 0.0)
+    got = jit_gigpo(
+        scores.astype(np.float32), step_rewards.astype(np.float32), groups, trajs, turns, anchors,
+        omega=omega, gamma=gamma, normalize_by_std=normalize_by_std, valid_N=valid,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        jit_step_returns(step_rewards.astype(np.float32), trajs, turns, gamma=gamma, valid_N=valid),
+        np.where(valid, step_returns, 0.0), rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_gigpo_step_groups_need_the_same_episode_group_and_anchor():
+    # two episode groups, identical anchor id 5 in both: step groups must not mix across episode groups
+    scores = jnp.array([10.0, 0.0, 10.0, 0.0])
+    step_rewards = jnp.array([10.0, 0.0, 4.0, 2.0])
+    groups = jnp.array([0, 0, 1, 1])
+    trajs = jnp.array([0, 1, 2, 3])
+    anchors = jnp.array([5, 5, 5, 5])
+    turns = jnp.zeros(4, jnp.int32)
+    got = gigpo_advantages(scores, step_rewards, groups, trajs, turns, anchors, normalize_by_std=False)
+    # episode: +-5 in each group; step: group 0 returns 10, 0 -> +-5; group 1 returns 4, 2 -> +-1
+    np.testing.assert_allclose(got, [10.0, -10.0, 6.0, -6.0], rtol=1e-6)
+
+
+def test_group_methods_are_jittable_and_accept_numpy():
+    scores = np.array([1.0, 2.0, 4.0, 8.0], np.float32)
+    groups = np.array([3, 3, 7, 7])
+    eager = grpo_advantages(scores, groups)
+    jitted = jax.jit(grpo_advantages, static_argnames=("normalize_by_std", "eps"))(scores, groups)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+    trajs = np.arange(4)
+    turns = np.zeros(4, np.int32)
+    gigpo_args = (scores, scores, groups, trajs, turns, groups)
+    jitted_gigpo = jax.jit(lambda *a: gigpo_advantages(*a, omega=1.0, gamma=0.95))(*gigpo_args)
+    np.testing.assert_allclose(jitted_gigpo, gigpo_advantages(*gigpo_args), rtol=1e-6)
+
+
+def test_shape_mismatch_is_rejected():
+    with pytest.raises(AssertionError):
+        grpo_advantages(jnp.zeros(3), jnp.zeros(4, jnp.int32))
