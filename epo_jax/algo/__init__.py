@@ -6,7 +6,7 @@ ppo:          dual-clip PPO surrogate, clipped value loss, KL estimators
 advantages:   GAE, GRPO / Dr.GRPO, RLOO, GiGPO, whitening
 epo:          phase weight, smoothing penalty, entropy history (paper and official-code variants)
 loss:         make_loss_fn(config, forward_fn) -> loss_fn(params, batch, state)
-Formulas and sources: /work/shared/spec/algorithms.md and each function's docstring.
+Formulas and sources: each function's docstring (papers cited there).
 """
 from epo_jax.algo.advantages import (
     expand_to_tokens,

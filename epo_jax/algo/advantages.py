@@ -79,7 +79,7 @@ def expand_to_tokens(values_B: jax.Array, mask_BxT: jax.Array) -> jax.Array:
 
 
 def place_reward_on_last_token(reward_B: jax.Array, mask_BxT: jax.Array) -> jax.Array:
-    """Token-level rewards with each row's reward on its last valid response token (spec section 1).
+    """Token-level rewards with each row's reward on its last valid response token (docs/algorithms.md section 1).
 
     Rows with an all-zero mask get no reward.
     """
@@ -100,7 +100,7 @@ def gae_advantages(
     gamma: float = 1.0,
     lam: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """GAE within each turn sample's response (spec section 3; verl's compute_gae_advantage_return).
+    """GAE within each turn sample's response (docs/algorithms.md section 3; verl's compute_gae_advantage_return).
 
       delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},   R_t = A_t + V_t
     computed right to left over the valid tokens only: masked tokens are skipped (V_{t+1} and
@@ -165,7 +165,7 @@ def grpo_advantages(
     normalize_by_std: bool = True,
     eps: float = _GROUP_EPS,
 ) -> jax.Array:
-    """GRPO outcome advantages (spec section 3): A_i = (R_i - mean_group R) / (std_group R + 1e-6).
+    """GRPO outcome advantages (docs/algorithms.md section 3): A_i = (R_i - mean_group R) / (std_group R + 1e-6).
 
     `normalize_by_std=False` is Dr.GRPO (A_i = R_i - mean_group R). Scores may be one per
     trajectory, or one per turn sample with `traj_id_N` given: then each trajectory counts once in
@@ -248,7 +248,7 @@ def gigpo_advantages(
     eps: float = _GROUP_EPS,
     valid_N: jax.Array | None = None,
 ) -> jax.Array:
-    """GiGPO advantages (arXiv 2505.10978; spec section 3): A = A_episode + omega * A_step.
+    """GiGPO advantages (arXiv 2505.10978; docs/algorithms.md section 3): A = A_episode + omega * A_step.
 
       A_episode: GRPO over the episode group (`group_id_N`, envs playing the same task) of the
                  trajectories' episode scores, each trajectory counted once.

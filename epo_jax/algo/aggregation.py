@@ -52,7 +52,7 @@ def aggregate_loss(
     mode: str,
     traj_id_B: jax.Array | None = None,
 ) -> jax.Array:
-    """Reduces a per-token loss matrix L with mask M to a scalar (spec section 3, verl's agg_loss).
+    """Reduces a per-token loss matrix L with mask M to a scalar (docs/algorithms.md section 3, verl's agg_loss).
 
     Modes, with valid rows b (sum_t M_bt > 0) and T the padded response length:
       token-mean:              sum(L M) / sum(M)

@@ -1,6 +1,6 @@
 """Token entropy and memory-bounded log-probabilities over a large vocabulary.
 
-Notation follows /work/shared/spec/algorithms.md: H = -sum_v p(v) log p(v) is the full-vocabulary
+Notation follows the EPO paper (arXiv 2509.22576): H = -sum_v p(v) log p(v) is the full-vocabulary
 entropy of one token's next-token distribution, computed in at least float32 whatever the input dtype.
 """
 import chex
@@ -18,7 +18,7 @@ def _entropy_from_log_probs(log_probs_xV: jax.Array) -> jax.Array:
 
 
 def token_entropy(logits_xV: jax.Array) -> jax.Array:
-    """Entropy of softmax(logits) over the last axis (spec section 1, H = -sum_v p(v) log p(v)).
+    """Entropy of softmax(logits) over the last axis (docs/algorithms.md section 1, H = -sum_v p(v) log p(v)).
 
     Computed as H = -sum_v p(v) log_softmax(logits)(v) in at least float32 (bf16 logits are upcast),
     so masked (-inf) vocabulary entries contribute exactly 0 and no NaN appears in value or gradient.
@@ -135,7 +135,7 @@ def logprobs_and_entropy(
     """Per-token log p(target) and entropy H without materialising the [B, T, V] logits.
 
     logits = hidden @ unembedding^T / temperature;  logprob_t = log_softmax(logits_t)[target_t];
-    H_t = -sum_v p_t(v) log p_t(v)  (spec section 1; temperature as in verl's actor, which divides the
+    H_t = -sum_v p_t(v) log p_t(v)  (docs/algorithms.md section 1; temperature as in verl's actor, which divides the
     logits by the rollout temperature before both quantities).
 
     The sequence axis is cut into chunks of W = max(1, chunk_size // B) positions (zero-padded to a

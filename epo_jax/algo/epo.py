@@ -1,7 +1,7 @@
 """EPO's entropy machinery: smoothing penalty, phase weight and the entropy history.
 
 Xu et al., "EPO: Entropy-regularized Policy Optimization for LLM Agents Reinforcement Learning",
-arXiv 2509.22576 (v2), Eq. 2-6; spec section 1. Two variants:
+arXiv 2509.22576 (v2), Eq. 2-6; docs/algorithms.md section 1. Two variants:
   paper: hinge penalty (Eq. 3) against the cumulative mean of past batch entropies (Eq. 4),
          phase weight beta_k = 1 + exp(-gamma k / floor(K/2)) (Eq. 5);
   code:  what the official code (github WujiangXu/EPO) does -- an indicator penalty {0, alpha}
@@ -34,7 +34,7 @@ def phase_weight(step: jax.Array | int, total_steps: int, gamma: float) -> jax.A
 
 
 def code_phase_weight(step: jax.Array | int, total_epochs: int = 150, gamma: float = 3.0) -> jax.Array:
-    """The official code's smoothing weight curve (spec section 1, "code" variant).
+    """The official code's smoothing weight curve (docs/algorithms.md section 1, "code" variant).
 
     With h = floor(E / 2) and the epoch e clamped to [0, E]:
       e <= h:  w = 1 - 0.2 (1 - exp(-2 p)),  p = e / h          (1.0 -> ~0.83)

@@ -4,7 +4,7 @@
 with the entropy term chosen by `algo.entropy_control`:
   none:  0                                              (plain PPO / GRPO)
   bonus: -entropy_coef * token-mean H
-  epo:   -lambda * (L_H - beta_k * L_smooth)            (EPO Eq. 6, spec section 1 (e))
+  epo:   -lambda * (L_H - beta_k * L_smooth)            (EPO Eq. 6, docs/algorithms.md section 1 (e))
 `epo.mode` picks the paper's smoothing (hinge against the cumulative history, Eq. 3-5) or the
 official code's (indicator {0, alpha}, per-turn history including the current step, turn gate,
 150-epoch weight curve); `epo.smoothing=False` is EPO-Base; `epo.beta_schedule="constant"` uses

@@ -47,7 +47,7 @@ def ppo_token_losses(
     clip_high: float,
     dual_clip: float | None,
 ) -> PolicyLossTerms:
-    """Per-token clipped surrogate with separate low/high clip and dual clip (spec section 3).
+    """Per-token clipped surrogate with separate low/high clip and dual clip (docs/algorithms.md section 3).
 
       r = exp(clamp(logp - logp_old, -20, 20))
       l1 = -A r;  l2 = -A clip(r, 1 - clip_low, 1 + clip_high);  l = max(l1, l2)
@@ -113,7 +113,7 @@ def value_loss(
     loss_agg: str = "token-mean",
     traj_id_B: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Clipped value loss (spec section 3, verl's compute_value_loss).
+    """Clipped value loss (docs/algorithms.md section 3, verl's compute_value_loss).
 
       V_clip = clip(V, V_old - clip, V_old + clip)
       loss = 0.5 * agg(max((V - R)^2, (V_clip - R)^2));  clipfrac = mean((V_clip - R)^2 > (V - R)^2)

@@ -11,7 +11,7 @@ the prompt may show are computed only when asked for:
   - `available_actions=True`: info["action_templates"] (e.g. "open OBJ") and
     info["objects"] (cheap), which is what EPO's ScienceWorld prompt shows.
 
-Tasks and splits (EPO, arXiv 2509.22576, spec section 4). The task ids 0-29 index the
+Tasks and splits (EPO, arXiv 2509.22576, docs/algorithms.md section 4). The task ids 0-29 index the
 engine's task list (`get_task_names()`, alphabetical; see TASK_NAMES). The official
 variation splits are contiguous ranges per task (train, then dev, then test); EPO uses
 

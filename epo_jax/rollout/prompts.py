@@ -1,6 +1,6 @@
 """EPO's turn prompts for ScienceWorld and ALFWorld, rendered with the model's chat template.
 
-Each turn's prompt is one user message (EPO / verl-agent, spec section 4) holding:
+Each turn's prompt is one user message (EPO / verl-agent, docs/algorithms.md section 4) holding:
 the task; the number of steps taken so far; the actions of all but the last
 `history_length` (2) steps; the last `history_length` (observation, action) pairs in
 full; the current observation; the actions to choose from; and the format rule: reason

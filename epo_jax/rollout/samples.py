@@ -27,7 +27,7 @@ class TurnSample:
 
     @property
     def reward(self) -> float:
-        """The turn's training reward: episode reward + its own format penalty (spec section 1)."""
+        """The turn's training reward: episode reward + its own format penalty (docs/algorithms.md section 1)."""
         return self.episode_reward + self.penalty
 
 

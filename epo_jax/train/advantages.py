@@ -1,6 +1,6 @@
 """Advantages and critic targets of one RL step, from the rollout batch (jitted).
 
-Rewards (spec section 1): every turn of an episode carries the episode reward (10 x won by
+Rewards (docs/algorithms.md section 1): every turn of an episode carries the episode reward (10 x won by
 default) on its last response token, plus that turn's own format penalty (-0.1 for a reply
 without <think>/<action>). PPO runs GAE within each turn sample on that reward. The group
 methods compare trajectories by their return (episode reward + all of its turns' penalties),
