@@ -25,16 +25,16 @@ def get_config(arg: str = ""):
         return c
     if arg:
         raise ValueError(f"configs/alfworld.py takes '' or 'paper' after the colon, got {arg!r}")
-    c.env.num_groups = 2
+    c.env.num_groups = 1
     c.env.group_size = 2
-    c.env.max_turns = 8
+    c.env.max_turns = 6
     c.rollout.max_prompt_len = 1024
-    c.rollout.max_response_len = 96
+    c.rollout.max_response_len = 64
     c.rollout.prompt_buckets = (512, 1024)
     c.train.total_steps = 20
     c.optim.lr = 1e-5
     c.algo.micro_batch_size = 4
     c.checkpoint.every_steps = 2
     c.eval.every_steps = 10
-    c.eval.num_episodes = 4
+    c.eval.num_episodes = 2
     return c

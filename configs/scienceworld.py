@@ -28,16 +28,16 @@ def get_config(arg: str = ""):
     if arg:
         raise ValueError(f"configs/scienceworld.py takes '' or 'paper' after the colon, got {arg!r}")
     # CPU-sized default: the same code paths at a scale whose first steps finish in minutes.
-    c.env.num_groups = 2
+    c.env.num_groups = 1
     c.env.group_size = 2
-    c.env.max_turns = 6
+    c.env.max_turns = 4
     c.rollout.max_prompt_len = 1024
-    c.rollout.max_response_len = 96
+    c.rollout.max_response_len = 64
     c.rollout.prompt_buckets = (512, 1024)
     c.train.total_steps = 20
     c.optim.lr = 1e-5
     c.algo.micro_batch_size = 4
     c.checkpoint.every_steps = 2
     c.eval.every_steps = 10
-    c.eval.num_episodes = 4
+    c.eval.num_episodes = 2
     return c
