@@ -1,0 +1,374 @@
+"""Batched generation with a fixed-size KV cache: a jitted prefill, then a jitted `lax.while_loop` decode.
+
+Prompts are left-padded to a few length buckets and the batch is padded to a power of two (and a
+multiple of the mesh's batch shards: rows split over the "data" and "fsdp" axes), so compilations
+stay few. Padding is tracked by position (a mask), never by a pad token id, because chat prompts
+contain every special id.
+
+Each generated token comes with its log-probability and the entropy of the sampling distribution
+softmax(logits / temperature) over the full vocabulary, before top-p / top-k truncation, so both equal
+the teacher-forced values the trainer computes at the same temperature.
+
+Stop strings are matched on token ids by a per-string Knuth-Morris-Pratt automaton over bytes,
+precomputed as a [state, token] transition table: one gather per step detects a stop string however
+the tokenizer splits it across tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from epo_jax.models.config import ModelConfig
+from epo_jax.models.tokenizer import token_bytes
+from epo_jax.models.transformer import KVCache, positions_from_mask, unembedding
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP_STRING = 0, 1, 2
+FINISH_REASONS = ("length", "eos", "stop_string")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. temperature > 0 always defines the reported log-probs and entropies."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    max_new_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (use greedy=True for argmax decoding).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]; 1 disables nucleus sampling.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0; 0 disables top-k.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """Generated continuations, one row per prompt; entries at and after `lengths` are padding.
+
+    tokens [B, N] int32, logprobs [B, N] and entropies [B, N] float32 (under softmax(logits / T)),
+    lengths [B] int32 (the stop token counts), finish_reasons [B] int32 indexing FINISH_REASONS.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    entropies: np.ndarray
+    lengths: np.ndarray
+    finish_reasons: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        return np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
+
+
+def _kmp_byte_automaton(pattern: bytes) -> np.ndarray:
+    """delta[state, byte] of the Knuth-Morris-Pratt matcher; state = length of the matched prefix."""
+    m = len(pattern)
+    delta = np.zeros((m, 256), dtype=np.int32)
+    delta[0, pattern[0]] = 1
+    fallback = 0
+    for state in range(1, m):
+        delta[state] = delta[fallback]
+        delta[state, pattern[state]] = state + 1
+        fallback = delta[fallback, pattern[state]]
+    return delta
+
+
+def stop_string_table(stop_strings: Sequence[str], vocab_bytes: Sequence[bytes]) -> np.ndarray:
+    """table[i, state, token]: state of stop string i's matcher after reading the token's bytes.
+
+    State len(stop_strings[i]) means the string has appeared (it is absorbing); rows beyond a
+    shorter string's length are unused. Tokens are processed longest first so each byte position
+    touches only the tokens that reach it.
+    """
+    patterns = [s.encode("utf-8") for s in stop_strings]
+    if any(not p for p in patterns):
+        raise ValueError(f"stop_strings={list(stop_strings)} contains an empty string.")
+    vocab = len(vocab_bytes)
+    lengths = np.array([len(b) for b in vocab_bytes])
+    order = np.argsort(-lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    byte_matrix = np.zeros((vocab, max(1, int(lengths.max(initial=1)))), dtype=np.uint8)
+    for row, token in enumerate(order):
+        byte_matrix[row, :lengths[token]] = np.frombuffer(vocab_bytes[token], dtype=np.uint8)
+    tokens_reaching = [int(np.sum(sorted_lengths > j)) for j in range(byte_matrix.shape[1])]
+    max_states = max(len(p) for p in patterns) + 1
+    table = np.zeros((len(patterns), max_states, vocab), dtype=np.int32)
+    for i, pattern in enumerate(patterns):
+        m = len(pattern)
+        delta = np.vstack([_kmp_byte_automaton(pattern), np.full((1, 256), m, dtype=np.int32)])
+        for start in range(m + 1):
+            state = np.full(vocab, start, dtype=np.int32)
+            for j, active in enumerate(tokens_reaching):
+                state[:active] = delta[state[:active], byte_matrix[:active, j]]
+            table[i, start, order] = state
+    return table
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _batch_bucket(batch: int, multiple: int) -> int:
+    """Next power of two >= batch, rounded up to a multiple of the number of batch shards."""
+    return _round_up(1 << max(0, (batch - 1).bit_length()), multiple)
+
+
+def _truncation_mask(logp_BxV: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array | None:
+    """Tokens kept by top-k, then by the nucleus of what top-k kept (the smallest set of most probable
+    tokens holding a top_p share of its mass; Holtzman et al. 2020), in the order transformers applies
+    them; None when neither applies. Ties at a boundary are kept."""
+    keep_BxV = None
+    if top_k:
+        kth_B = jax.lax.top_k(logp_BxV, top_k)[0][:, -1]
+        keep_BxV = logp_BxV >= kth_B[:, None]
+    if top_p is not None:
+        sorted_desc = -jnp.sort(-logp_BxV, axis=-1)
+        probs = jnp.exp(sorted_desc)
+        if top_k:
+            probs = jnp.where(jnp.arange(probs.shape[-1]) < top_k, probs, 0.0)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        in_nucleus = mass_before < top_p * jnp.sum(probs, axis=-1, keepdims=True)
+        threshold_B = jnp.min(jnp.where(in_nucleus, sorted_desc, jnp.inf), axis=-1)
+        nucleus = logp_BxV >= threshold_B[:, None]
+        keep_BxV = nucleus if keep_BxV is None else keep_BxV & nucleus
+    return keep_BxV
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeStatics:
+    """Everything the decode program is specialised on (hashable for jax.jit); temperature and
+    top_p values are traced arguments, so changing them does not recompile."""
+
+    graphdef: nnx.GraphDef
+    max_new_tokens: int
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    eos_ids: tuple[int, ...]
+    stop_lengths: tuple[int, ...]
+
+
+def _inverse_cdf_sample(weights_BxV: jax.Array, keys_B: jax.Array) -> jax.Array:
+    """One draw per row from p proportional to weights: the first token whose cumulative weight
+    exceeds u * total, u ~ U[0, 1). One uniform per row instead of a Gumbel variate per vocabulary
+    entry, which costs several times the rest of the sampling head on CPU."""
+    cdf_BxV = jnp.cumsum(weights_BxV, axis=-1)
+    u_B = jax.vmap(jax.random.uniform)(keys_B)
+    token_B = jnp.sum(cdf_BxV <= (u_B * cdf_BxV[:, -1])[:, None], axis=-1)
+    return jnp.minimum(token_B, weights_BxV.shape[-1] - 1).astype(jnp.int32)
+
+
+def _sampling_head(
+    logits_BxV: jax.Array, keys_B: jax.Array, statics: _DecodeStatics, temperature: jax.Array, top_p: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(token, log p(token), entropy) with p = softmax(logits / T) over the full vocabulary and
+    H = -sum_v p(v) log p(v); the token is drawn from p restricted to top-k / top-p (or its argmax)."""
+    logp_BxV = jax.nn.log_softmax(logits_BxV / temperature, axis=-1)
+    probs_BxV = jnp.exp(logp_BxV)
+    entropy_B = -jnp.sum(probs_BxV * logp_BxV, axis=-1)
+    if statics.greedy:
+        token_B = jnp.argmax(logp_BxV, axis=-1).astype(jnp.int32)
+    else:
+        keep_BxV = _truncation_mask(logp_BxV, statics.top_k, top_p if statics.use_top_p else None)
+        weights_BxV = probs_BxV if keep_BxV is None else jnp.where(keep_BxV, probs_BxV, 0.0)
+        token_B = _inverse_cdf_sample(weights_BxV, keys_B)
+    logprob_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=1)[:, 0]
+    return token_B, logprob_B, entropy_B
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxP: jax.Array,
+    mask_BxP: jax.Array,
+    cache_len: int,
+) -> tuple[KVCache, jax.Array]:
+    """KV cache of the prompts and the float32 next-token logits [B, V] after the last prompt token."""
+    model = nnx.merge(graphdef, params)
+    hidden_BxPxD, cache = model.prefill(tokens_BxP, positions_from_mask(mask_BxP), mask_BxP, cache_len)
+    unembed_VxD = unembedding(params).astype(hidden_BxPxD.dtype)
+    logits_BxV = jnp.einsum("bd,vd->bv", hidden_BxPxD[:, -1], unembed_VxD, preferred_element_type=jnp.float32)
+    return cache, logits_BxV
+
+
+@functools.partial(jax.jit, static_argnames=("statics",), donate_argnames=("cache",))
+def _decode(
+    statics: _DecodeStatics,
+    params: nnx.State,
+    cache: KVCache,
+    logits_BxV: jax.Array,
+    mask_BxP: jax.Array,
+    done_B: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    stop_table: jax.Array,
+) -> tuple[KVCache, tuple[jax.Array, ...]]:
+    """Samples up to max_new_tokens per row, stopping rows at EOS or a completed stop string."""
+    model = nnx.merge(statics.graphdef, params)
+    unembed_VxD = unembedding(params)
+    batch, prompt_len = mask_BxP.shape
+    n_new = statics.max_new_tokens
+    slot_mask_BxS = jnp.concatenate([mask_BxP.astype(bool), jnp.ones((batch, n_new), bool)], axis=1)
+    prompt_lengths_B = jnp.sum(mask_BxP.astype(jnp.int32), axis=1)
+    eos_ids = jnp.asarray(statics.eos_ids or (-1,), dtype=jnp.int32)
+    stop_lengths = jnp.asarray(statics.stop_lengths or (0,), dtype=jnp.int32)
+    stop_index = jnp.arange(stop_table.shape[0])
+    row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(batch))
+
+    def sample(step, logits, done, stop_states, outputs):
+        tokens, logprobs, entropies, lengths, reasons = outputs
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_B)
+        token_B, logprob_B, entropy_B = _sampling_head(logits, step_keys, statics, temperature, top_p)
+        active = ~done
+        tokens = tokens.at[:, step].set(jnp.where(active, token_B, 0))
+        logprobs = logprobs.at[:, step].set(jnp.where(active, logprob_B, 0.0))
+        entropies = entropies.at[:, step].set(jnp.where(active, entropy_B, 0.0))
+        lengths = lengths + active.astype(jnp.int32)
+        if statics.stop_lengths:
+            stop_states = stop_table[stop_index[None, :], stop_states, token_B[:, None]]
+            hit_stop = jnp.any(stop_states == stop_lengths[None, :], axis=1)
+        else:
+            hit_stop = jnp.zeros_like(done)
+        hit_eos = jnp.any(token_B[:, None] == eos_ids[None, :], axis=1)
+        reasons = jnp.where(active & hit_eos, FINISH_EOS,
+                            jnp.where(active & hit_stop, FINISH_STOP_STRING, reasons))
+        done = done | hit_eos | hit_stop
+        return token_B, done, stop_states, (tokens, logprobs, entropies, lengths, reasons)
+
+    outputs = (jnp.zeros((batch, n_new), jnp.int32), jnp.zeros((batch, n_new), jnp.float32),
+               jnp.zeros((batch, n_new), jnp.float32), jnp.zeros((batch,), jnp.int32),
+               jnp.full((batch,), FINISH_LENGTH, jnp.int32))
+    stop_states = jnp.zeros((batch, stop_table.shape[0]), jnp.int32)
+    token_B, done_B, stop_states, outputs = sample(0, logits_BxV, done_B, stop_states, outputs)
+
+    def cond(carry):
+        step, _, _, done, _, _ = carry
+        return (step < n_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, token, done, stop_states, outputs = carry
+        positions_Bx1 = (prompt_lengths_B + step - 1)[:, None]
+        hidden_Bx1xD, cache = model.decode(token[:, None], positions_Bx1, cache, prompt_len + step - 1,
+                                           slot_mask_BxS)
+        logits = jnp.einsum("bd,vd->bv", hidden_Bx1xD[:, 0], unembed_VxD.astype(hidden_Bx1xD.dtype),
+                            preferred_element_type=jnp.float32)
+        token, done, stop_states, outputs = sample(step, logits, done, stop_states, outputs)
+        return step + 1, cache, token, done, stop_states, outputs
+
+    carry = (jnp.int32(1), cache, token_B, done_B, stop_states, outputs)
+    _, cache, _, _, _, outputs = jax.lax.while_loop(cond, body, carry)
+    # Returning the cache lets XLA alias the donated input buffers to the loop state, so the loop
+    # updates them in place instead of copying the cache into fresh buffers.
+    return cache, outputs
+
+
+class Sampler:
+    """Generates continuations for many prompts at once with a policy's (graphdef, params).
+
+    Compiles one prefill and one decode program per (batch bucket, prompt-length bucket, sampling
+    settings); params are an argument, so updated params reuse the compiled programs.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        model_config: ModelConfig,
+        tokenizer: transformers.PreTrainedTokenizerBase | None = None,
+        *,
+        stop_strings: Sequence[str] = (),
+        eos_token_ids: Sequence[int] | None = None,
+        prompt_buckets: Sequence[int] = (256, 512, 1024, 2048),
+        mesh: Mesh | None = None,
+    ):
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer (to know the bytes of every token id).")
+        if not prompt_buckets or any(b < 1 for b in prompt_buckets):
+            raise ValueError(f"prompt_buckets={tuple(prompt_buckets)} must be positive lengths.")
+        self.graphdef = graphdef
+        self.model_config = model_config
+        if eos_token_ids is None:
+            eos_token_ids = tuple(model_config.eos_token_ids)
+            if tokenizer is not None and tokenizer.eos_token_id is not None:
+                eos_token_ids = tuple(sorted(set(eos_token_ids) | {tokenizer.eos_token_id}))
+        self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
+        self.stop_strings = tuple(stop_strings)
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
+        self.mesh = mesh
+        # Rows split over the data-parallel axes; FSDP devices hold different rows too, gathering
+        # each layer's weights as they go, instead of repeating the same rows.
+        self._batch_axes = tuple(axis for axis in ("data", "fsdp")
+                                 if mesh is not None and mesh.shape.get(axis, 1) > 1)
+        self._batch_shards = int(np.prod([mesh.shape[axis] for axis in self._batch_axes], dtype=int))
+        table = (stop_string_table(self.stop_strings, token_bytes(tokenizer, model_config.vocab_size))
+                 if self.stop_strings else np.zeros((1, 1, model_config.vocab_size), np.int32))
+        self._stop_table = jnp.asarray(table)
+
+    def _batch_sharded(self, array: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(array)
+        spec = PartitionSpec(self._batch_axes or None, *([None] * (array.ndim - 1)))
+        return jax.device_put(array, NamedSharding(self.mesh, spec))
+
+    def _prompt_bucket(self, longest: int) -> int:
+        for bucket in self.prompt_buckets:
+            if longest <= bucket:
+                return bucket
+        raise ValueError(
+            f"A prompt has {longest} tokens, more than the largest prompt bucket {self.prompt_buckets[-1]}; "
+            "raise rollout.max_prompt_len / rollout.prompt_buckets or shorten the prompt.")
+
+    def generate(
+        self,
+        params: nnx.State,
+        prompts: Sequence[Sequence[int]],
+        key: jax.Array,
+        sampling: SamplingParams = SamplingParams(),
+    ) -> SampleOutput:
+        """Continuations of `prompts` (token id lists); deterministic for a given key.
+
+        Row i draws its randomness from fold_in(fold_in(key, i), step), so a prompt's continuation
+        does not depend on the batch bucket it lands in.
+        """
+        if not prompts:
+            raise ValueError("prompts is empty; pass at least one token id list.")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
+        prompt_len = self._prompt_bucket(max(lengths))
+        batch = _batch_bucket(len(prompts), self._batch_shards)
+        tokens = np.zeros((batch, prompt_len), np.int32)
+        mask = np.zeros((batch, prompt_len), bool)
+        for row in range(batch):
+            prompt = prompts[row] if row < len(prompts) else prompts[0]
+            tokens[row, prompt_len - len(prompt):] = prompt
+            mask[row, prompt_len - len(prompt):] = True
+        if tokens.max() >= self.model_config.vocab_size or tokens.min() < 0:
+            raise ValueError(f"prompt token ids must lie in [0, {self.model_config.vocab_size}); "
+                             f"found ids in [{tokens.min()}, {tokens.max()}].")
+        done = np.arange(batch) >= len(prompts)  # filler rows start finished
+        tokens_j, mask_j = self._batch_sharded(tokens), self._batch_sharded(mask)
+        cache, logits = _prefill(self.graphdef, params, tokens_j, mask_j, prompt_len + sampling.max_new_tokens)
+        statics = _DecodeStatics(
+            graphdef=self.graphdef, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
+            top_k=sampling.top_k, use_top_p=sampling.top_p < 1, eos_ids=self.eos_token_ids,
+            stop_lengths=tuple(len(s.encode("utf-8")) for s in self.stop_strings))
+        _, out = _decode(statics, params, cache, logits, mask_j, self._batch_sharded(done),
+                      key, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), self._stop_table)
+        tokens_out, logprobs, entropies, lengths_out, reasons = (np.asarray(x)[: len(prompts)] for x in out)
+        return SampleOutput(tokens_out, logprobs, entropies, lengths_out, reasons)

@@ -1,0 +1,446 @@
+"""Flax NNX decoder for the Llama / Qwen2 / Qwen3 family, used through pure functions of its params.
+
+Architecture (Touvron et al. 2023; Qwen2 report 2024; Qwen3 report 2025): token embedding, L pre-norm
+blocks x + Attn(RMSNorm(x)), x + SwiGLU(RMSNorm(x)), a final RMSNorm and an unembedding (tied to the
+embedding or a separate lm_head). Attention is grouped-query attention with rotary position embeddings
+(RoPE, the rotate-half convention of Hugging Face), optional q/k/v bias (Qwen2), optional per-head q/k
+RMSNorm (Qwen3).
+
+Weights keep the Hugging Face [out, in] layout, with the head dimension split out, so a checkpoint
+maps onto the params by reshapes alone and the unembedding is the [V, D] matrix of Hugging Face.
+Parameter paths mirror Hugging Face names: ('layers', 3, 'self_attn', 'q_proj', 'weight') is
+`model.layers.3.self_attn.q_proj.weight`.
+
+The layers are a Python list, unrolled in the compiled program rather than scanned: on the
+development CPU unrolled layers decoded 10-30% faster than `lax.scan` over stacked layers, at 3-4x
+the compile time; the sampler compiles each shape bucket once and then decodes for the whole run,
+so decode speed wins.
+
+Use it through `init_params` / `split_model` and the pure functions `hidden_states`, `logits`,
+`unembedding`: the module is rebuilt from (graphdef, params) inside each traced function, so losses
+stay pure functions of the params pytree (an `nnx.State`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+from epo_jax.models.config import ModelConfig
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (keys, values), each [B, K, S, Hd]
+
+_INIT_STDDEV = 0.02  # transformers' default initializer_range
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _normal_init(rng: np.random.Generator | None, shape: tuple[int, ...], param_dtype: jnp.dtype) -> jax.Array:
+    """normal(0, 0.02) weights drawn on the host (compiling a random-number program per weight shape
+    costs seconds); zeros when rng is None, the shape-only init used to lay out a checkpoint."""
+    if rng is None:
+        return jnp.zeros(shape, param_dtype)
+    return jnp.asarray((_INIT_STDDEV * rng.standard_normal(shape, dtype=np.float32)), dtype=param_dtype)
+
+
+def _param(value: jax.Array, sharding: Sequence[str | None] | None) -> nnx.Param:
+    """A parameter annotated with mesh axis names per dimension (None = replicated along it).
+
+    Eager sharding stays off: placement is decided by `param_partition_specs` against a concrete mesh.
+    """
+    if sharding is None:
+        return nnx.Param(value, eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(sharding), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 as Hugging Face does."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype):
+        self.weight = _param(jnp.ones((dim,), param_dtype), None)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * normed
+
+
+class Projection(nnx.Module):
+    """A linear map stored as Hugging Face stores it: weight [*out_dims, *in_dims], optional bias [*out_dims]."""
+
+    def __init__(
+        self,
+        out_dims: tuple[int, ...],
+        in_dims: tuple[int, ...],
+        use_bias: bool,
+        sharding: Sequence[str | None],
+        param_dtype: jnp.dtype,
+        rng: np.random.Generator | None,
+    ):
+        shape = out_dims + in_dims
+        self.weight = _param(_normal_init(rng, shape, param_dtype), sharding)
+        self.bias = (_param(jnp.zeros(out_dims, param_dtype), sharding[: len(out_dims)])
+                     if use_bias else None)
+        self.num_in_dims = len(in_dims)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.weight[...].astype(x.dtype)
+        x_dims = tuple(range(x.ndim - self.num_in_dims, x.ndim))
+        w_dims = tuple(range(weight.ndim - self.num_in_dims, weight.ndim))
+        y = jax.lax.dot_general(x, weight, ((x_dims, w_dims), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [V, D]; also the unembedding when embeddings are tied."""
+
+    def __init__(self, vocab_size: int, dim: int, param_dtype: jnp.dtype, rng: np.random.Generator | None):
+        self.weight = _param(_normal_init(rng, (vocab_size, dim), param_dtype), ("tensor", "fsdp"))
+
+    def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0).astype(dtype)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, rotate-half convention: x * cos + rotate_half(x) * sin with
+    rotate_half([x1, x2]) = [-x2, x1] and angles position * inv_freq repeated over both halves
+    (Su et al. 2021, as implemented in transformers' Llama)."""
+    angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    cos = jnp.cos(angles_BxTxF)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxF)[:, :, None, :]
+    x32 = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxTxNxH.dtype)
+
+
+def _attend_block(
+    q_BxTxKxGxH: jax.Array,
+    k_BxKxSxH: jax.Array,
+    v_BxKxSxH: jax.Array,
+    mask_BxTxS: jax.Array,
+) -> jax.Array:
+    """softmax(q k^T / sqrt(Hd) masked) v for grouped queries; scores and softmax in float32."""
+    head_dim = q_BxTxKxGxH.shape[-1]
+    scores = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH,
+                        preferred_element_type=jnp.float32) / np.sqrt(head_dim).astype(np.float32)
+    # A finite floor keeps fully masked rows (padding queries) finite instead of NaN.
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH)
+
+
+def _attend(
+    q_BxTxKxGxH: jax.Array,
+    k_BxKxSxH: jax.Array,
+    v_BxKxSxH: jax.Array,
+    mask_BxTxS: jax.Array,
+    query_chunk: int,
+) -> jax.Array:
+    """Attention in blocks of `query_chunk` queries (each rematerialised in the backward pass), so
+    scores never exceed B x heads x chunk x S; one block when T <= query_chunk."""
+    b, t, k, g, h = q_BxTxKxGxH.shape
+    if t <= query_chunk:
+        return _attend_block(q_BxTxKxGxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS)
+    n_chunks = -(-t // query_chunk)
+    pad = n_chunks * query_chunk - t
+    q = jnp.pad(q_BxTxKxGxH, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    mask = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0)))
+    q_chunks = jnp.moveaxis(q.reshape(b, n_chunks, query_chunk, k, g, h), 1, 0)
+    mask_chunks = jnp.moveaxis(mask.reshape(b, n_chunks, query_chunk, -1), 1, 0)
+    block = jax.checkpoint(lambda qm: _attend_block(qm[0], k_BxKxSxH, v_BxKxSxH, qm[1]))
+    out = jax.lax.map(block, (q_chunks, mask_chunks))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * query_chunk, k, g, h)[:, :t]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; optional q/k/v/o biases and q/k RMSNorm."""
+
+    def __init__(self, config: ModelConfig, rng: np.random.Generator | None):
+        d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        pd = _dtype(config.param_dtype)
+        self.q_proj = Projection((n, h), (d,), config.qkv_bias, ("tensor", None, "fsdp"), pd, rng)
+        self.k_proj = Projection((k, h), (d,), config.qkv_bias, ("tensor", None, "fsdp"), pd, rng)
+        self.v_proj = Projection((k, h), (d,), config.qkv_bias, ("tensor", None, "fsdp"), pd, rng)
+        self.o_proj = Projection((d,), (n, h), config.o_bias, ("fsdp", "tensor", None), pd, rng)
+        self.q_norm = RMSNorm(h, config.rms_norm_eps, pd) if config.qk_norm else None
+        self.k_norm = RMSNorm(h, config.rms_norm_eps, pd) if config.qk_norm else None
+        self.num_kv_heads = k
+        self.config = config
+
+    def _project(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> tuple[jax.Array, ...]:
+        q = self.q_proj(x_BxTxD)
+        k = self.k_proj(x_BxTxD)
+        v = self.v_proj(x_BxTxD)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = self.config.inverse_frequencies()
+        q = apply_rope(q, positions_BxT, inv_freq)
+        k = apply_rope(k, positions_BxT, inv_freq)
+        b, t, n, h = q.shape
+        q_BxTxKxGxH = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
+        return q_BxTxKxGxH, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+    def _output(self, attended_BxTxKxGxH: jax.Array) -> jax.Array:
+        b, t, k, g, h = attended_BxTxKxGxH.shape
+        return self.o_proj(attended_BxTxKxGxH.reshape(b, t, k * g, h))
+
+    def __call__(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_BxTxT: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Self-attention over the sequence itself; returns the output and its keys/values [B, K, T, Hd]."""
+        q, k_BxKxTxH, v_BxKxTxH = self._project(x_BxTxD, positions_BxT)
+        attended = _attend(q, k_BxKxTxH, v_BxKxTxH, mask_BxTxT, self.config.attention_query_chunk)
+        return self._output(attended), (k_BxKxTxH, v_BxKxTxH)
+
+    def decode(
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        cache: tuple[jax.Array, jax.Array],
+        cache_index: jax.Array,
+        mask_BxTxS: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Writes this step's keys/values at slot `cache_index` of the cache and attends over the whole cache."""
+        q, k_new, v_new = self._project(x_BxTxD, positions_BxT)
+        k_cache, v_cache = cache
+        start = (0, 0, cache_index, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
+        attended = _attend(q, k_cache, v_cache, mask_BxTxS, self.config.attention_query_chunk)
+        return self._output(attended), (k_cache, v_cache)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    def __init__(self, config: ModelConfig, rng: np.random.Generator | None):
+        d, f = config.hidden_size, config.intermediate_size
+        pd = _dtype(config.param_dtype)
+        self.gate_proj = Projection((f,), (d,), False, ("tensor", "fsdp"), pd, rng)
+        self.up_proj = Projection((f,), (d,), False, ("tensor", "fsdp"), pd, rng)
+        self.down_proj = Projection((d,), (f,), False, ("fsdp", "tensor"), pd, rng)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h))."""
+
+    def __init__(self, config: ModelConfig, rng: np.random.Generator | None):
+        pd = _dtype(config.param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd)
+        self.self_attn = Attention(config, rng)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd)
+        self.mlp = MLP(config, rng)
+
+    def __call__(
+        self, x: jax.Array, positions_BxT: jax.Array, mask_BxTxT: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        attended, kv = self.self_attn(self.input_layernorm(x), positions_BxT, mask_BxTxT)
+        h = x + attended
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+    def decode(
+        self,
+        x: jax.Array,
+        positions_BxT: jax.Array,
+        cache: tuple[jax.Array, jax.Array],
+        cache_index: jax.Array,
+        mask_BxTxS: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        attended, cache = self.self_attn.decode(self.input_layernorm(x), positions_BxT, cache, cache_index, mask_BxTxS)
+        h = x + attended
+        return h + self.mlp(self.post_attention_layernorm(h)), cache
+
+
+def _run_layer(layer: DecoderLayer, x: jax.Array, positions_BxT: jax.Array, mask_BxTxT: jax.Array) -> jax.Array:
+    return layer(x, positions_BxT, mask_BxTxT)[0]
+
+
+_run_layer_remat = nnx.remat(_run_layer)
+
+
+def causal_mask(attention_mask_BxT: jax.Array) -> jax.Array:
+    """[B, T, T] mask: query t sees key s iff s <= t and key s is a real token."""
+    t = attention_mask_BxT.shape[1]
+    causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return causal_TxT[None] & attention_mask_BxT.astype(bool)[:, None, :]
+
+
+class Transformer(nnx.Module):
+    """The decoder: embedding, layers, final norm and (untied) lm_head."""
+
+    def __init__(self, config: ModelConfig, rng: np.random.Generator | None):
+        pd = _dtype(config.param_dtype)
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, pd, rng)
+        self.layers = nnx.List([DecoderLayer(config, rng) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Projection((config.vocab_size,), (config.hidden_size,), False, ("tensor", "fsdp"), pd, rng))
+
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, attention_mask_BxT: jax.Array) -> jax.Array:
+        """Final normed hidden states [B, T, D] in the compute dtype."""
+        x = self.embed_tokens(tokens_BxT, _dtype(self.config.dtype))
+        mask_BxTxT = causal_mask(attention_mask_BxT)
+        run = _run_layer_remat if self.config.remat else _run_layer
+        for layer in self.layers:
+            x = run(layer, x, positions_BxT, mask_BxTxT)
+        return self.norm(x)
+
+    def prefill(
+        self, tokens_BxT: jax.Array, positions_BxT: jax.Array, attention_mask_BxT: jax.Array, cache_len: int,
+    ) -> tuple[jax.Array, KVCache]:
+        """Hidden states of the prompt and a KV cache of `cache_len` slots whose first T hold the prompt."""
+        x = self.embed_tokens(tokens_BxT, _dtype(self.config.dtype))
+        mask_BxTxT = causal_mask(attention_mask_BxT)
+        t = tokens_BxT.shape[1]
+        cache: KVCache = []
+        for layer in self.layers:
+            x, (k, v) = layer(x, positions_BxT, mask_BxTxT)
+            padding = ((0, 0), (0, 0), (0, cache_len - t), (0, 0))
+            cache.append((jnp.pad(k, padding), jnp.pad(v, padding)))
+        return self.norm(x), cache
+
+    def decode(
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        cache: KVCache,
+        cache_index: jax.Array,
+        slot_mask_BxS: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs T new tokens written at cache slots [cache_index, cache_index + T).
+
+        slot_mask_BxS marks slots holding real tokens (prompt padding is False); causality within
+        the cache is added here.
+        """
+        x = self.embed_tokens(tokens_BxT, _dtype(self.config.dtype))
+        t, s = tokens_BxT.shape[1], slot_mask_BxS.shape[1]
+        query_slots_T = cache_index + jnp.arange(t)
+        causal_TxS = jnp.arange(s)[None, :] <= query_slots_T[:, None]
+        mask_BxTxS = causal_TxS[None] & slot_mask_BxS[:, None, :]
+        new_cache: KVCache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.decode(x, positions_BxT, layer_cache, cache_index, mask_BxTxS)
+            new_cache.append(layer_cache)
+        return self.norm(x), new_cache
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
+    """Randomly initialised (graphdef, params): normal(0, 0.02) weights, unit norms, zero biases.
+
+    Weights come from numpy's PCG64 seeded with the key's bits: deterministic per key, no compilation."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    return nnx.split(Transformer(config, rng))
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_params(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) with jax.ShapeDtypeStruct leaves: the layout to fill from a checkpoint.
+
+    Cached per config; treat the returned state as read-only."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(config, None)))
+
+
+def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) of a model; `nnx.merge(graphdef, params)` rebuilds it."""
+    return nnx.split(model)
+
+
+def positions_from_mask(attention_mask_BxT: jax.Array) -> jax.Array:
+    """Position ids counting real tokens only: left padding does not shift positions (pads get 0)."""
+    mask = attention_mask_BxT.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+
+def hidden_states(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array | None = None,
+    attention_mask_BxT: jax.Array | None = None,
+) -> jax.Array:
+    """Final normed hidden states [B, T, D] (compute dtype); a pure function of params.
+
+    Positions default to `positions_from_mask(attention_mask_BxT)`, the mask to all ones, so
+    left-padded batches give each row the hidden states it has unpadded.
+    """
+    chex.assert_rank(tokens_BxT, 2)
+    if attention_mask_BxT is None:
+        attention_mask_BxT = jnp.ones(tokens_BxT.shape, dtype=bool)
+    chex.assert_equal_shape([tokens_BxT, attention_mask_BxT])
+    if positions_BxT is None:
+        positions_BxT = positions_from_mask(attention_mask_BxT)
+    chex.assert_equal_shape([tokens_BxT, positions_BxT])
+    return nnx.merge(graphdef, params)(tokens_BxT, positions_BxT, attention_mask_BxT)
+
+
+def unembedding(params: nnx.State) -> jax.Array:
+    """The [V, D] unembedding matrix (Hugging Face layout): lm_head if present, else the tied embedding."""
+    if "lm_head" in params:
+        return params["lm_head"]["weight"][...]
+    return params["embed_tokens"]["weight"][...]
+
+
+def logits(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array | None = None,
+    attention_mask_BxT: jax.Array | None = None,
+) -> jax.Array:
+    """Next-token logits [B, T, V] in float32: hidden_states @ unembedding^T."""
+    hidden = hidden_states(graphdef, params, tokens_BxT, positions_BxT, attention_mask_BxT)
+    unembed_VxD = unembedding(params).astype(hidden.dtype)
+    return jnp.einsum("btd,vd->btv", hidden, unembed_VxD, preferred_element_type=jnp.float32)
+
+
+def _place_fsdp(spec: list[str | None], shape: tuple[int, ...], fsdp_size: int) -> list[str | None]:
+    """Puts 'fsdp' on the largest dimension it divides that no other axis uses (replicated if none)."""
+    spec = [None if axis == "fsdp" else axis for axis in spec]
+    candidates = [i for i, axis in enumerate(spec) if axis is None and shape[i] % fsdp_size == 0]
+    if candidates:
+        spec[max(candidates, key=lambda i: shape[i])] = "fsdp"
+    return spec
+
+
+def param_partition_specs(params: nnx.State, mesh: Mesh | None = None) -> nnx.State:
+    """PartitionSpec pytree (same structure as params) for mesh axes ("data", "fsdp", "tensor").
+
+    Without a mesh: the annotations of the modules, "tensor" over heads, the MLP hidden dimension and
+    the vocabulary (Megatron-style), "fsdp" over the model dimension, norms replicated. With a mesh,
+    specs are fitted to it: an axis of size 1 or absent from the mesh is dropped, "tensor" is dropped
+    where it does not divide its dimension, and "fsdp" goes to the largest dimension not taken by
+    "tensor" that it divides. "data" always replicates params. The result is valid for
+    `jax.sharding.NamedSharding(mesh, spec)`.
+    """
+    annotated = nnx.get_partition_spec(params)
+    if mesh is None:
+        return annotated
+    sizes = dict(mesh.shape)
+
+    def fit(spec: PartitionSpec, leaf: jax.Array) -> PartitionSpec:
+        shape = leaf.shape
+        axes = list(spec) + [None] * (len(shape) - len(spec))
+        axes = [axis if axis is not None and sizes.get(axis, 1) > 1 and shape[i] % sizes[axis] == 0 else None
+                for i, axis in enumerate(axes)]
+        if sizes.get("fsdp", 1) > 1 and len(shape) > 1:
+            axes = _place_fsdp(axes, shape, sizes["fsdp"])
+        return PartitionSpec(*axes)
+
+    return jax.tree.map(fit, annotated, params)
