@@ -74,12 +74,17 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _train_specs(config) -> list[envs.EpisodeSpec]:
-    """The train split in a seed-determined order (the cursor walks it, wrapping around)."""
-    options = {"tasks": tuple(config.env.tasks)} if config.env.tasks else {}
+def _split_options(config) -> dict[str, Any]:
+    """What `envs.episodes` needs besides the split: the task filter and ALFWorld's data."""
+    options: dict[str, Any] = {"tasks": tuple(config.env.tasks)} if config.env.tasks else {}
     if config.env.name == "alfworld" and config.env.data_dir:
         options["data_dir"] = config.env.data_dir
-    specs = envs.episodes(config.env.name, config.env.train_split, **options)
+    return options
+
+
+def _train_specs(config) -> list[envs.EpisodeSpec]:
+    """The train split in a seed-determined order (the cursor walks it, wrapping around)."""
+    specs = envs.episodes(config.env.name, config.env.train_split, **_split_options(config))
     if not specs:
         raise ValueError(f"env.train_split={config.env.train_split!r} with env.tasks={tuple(config.env.tasks)} "
                          "has no episodes; check the task names")
@@ -88,10 +93,7 @@ def _train_specs(config) -> list[envs.EpisodeSpec]:
 
 
 def _eval_specs(config, split: str) -> list[envs.EpisodeSpec]:
-    options = {"tasks": tuple(config.env.tasks)} if config.env.tasks else {}
-    if config.env.name == "alfworld" and config.env.data_dir:
-        options["data_dir"] = config.env.data_dir
-    specs = envs.episodes(config.env.name, split, **options)
+    specs = envs.episodes(config.env.name, split, **_split_options(config))
     # A fixed, evenly spread subset, the same at every evaluation.
     idx = np.linspace(0, len(specs) - 1, num=min(config.eval.num_episodes, len(specs))).round().astype(int)
     return [specs[i] for i in sorted(set(idx))]
