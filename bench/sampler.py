@@ -6,7 +6,8 @@ Both sides run the embedded SmolLM2-135M-Instruct with the same weights (ours lo
 PyTorch from the folder our `save_pretrained` writes), on the same random 64-token prompts, sampling
 at temperature 1 over the full vocabulary with EOS disabled, so every row makes exactly
 `--new-tokens` tokens. Our sampler also returns each token's log-prob and entropy. Times are the
-best of `--repeats` runs after a warm-up (compilation excluded), interleaving the two sides.
+best of `--repeats` rounds after a warm-up (compilation excluded); each round runs every contender
+once, so changes in machine load hit all of them alike.
 
 The bandwidth column: bytes a decode step must read (every weight once, the tied embedding as the
 unembedding, plus the KV cache our sampler attends over: all prompt + new slots) times steps/s,
@@ -48,28 +49,23 @@ def bytes_per_step(policy: loading.Policy, batch: int, cache_len: int) -> int:
     return weights + kv_cache
 
 
-def time_ours(sampler, params, prompts, sampling, repeats: int, seed: int) -> float:
-    best = np.inf
-    for r in range(repeats):
-        start = time.perf_counter()
-        out = sampler.generate(params, prompts, jax.random.key(seed + r), sampling)
-        best = min(best, time.perf_counter() - start)
-        assert (out.lengths == sampling.max_new_tokens).all()
-    return best
+def time_ours(sampler, params, prompts, sampling, seed: int) -> float:
+    start = time.perf_counter()
+    out = sampler.generate(params, prompts, jax.random.key(seed), sampling)
+    elapsed = time.perf_counter() - start
+    assert (out.lengths == sampling.max_new_tokens).all()
+    return elapsed
 
 
-def time_torch(model, prompts, new_tokens: int, repeats: int) -> float:
+def time_torch(model, prompts, new_tokens: int) -> float:
     ids = torch.tensor(prompts, dtype=torch.long)
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                 top_k=0, top_p=1.0, max_new_tokens=new_tokens, eos_token_id=None,
-                                 pad_token_id=2)
-        best = min(best, time.perf_counter() - start)
-        assert out.shape[1] == ids.shape[1] + new_tokens
-    return best
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=2)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return elapsed
 
 
 def main() -> None:
@@ -102,15 +98,20 @@ def main() -> None:
     for batch in args.batches:
         prompts = [list(rng.randint(100, 40000, args.prompt_len)) for _ in range(batch)]
         sampler.generate(policy.params, prompts, jax.random.key(0), sampling)  # compile
-        time_torch(torch_fp32, prompts, 2, 1)  # warm-up
-        ours = time_ours(sampler, policy.params, prompts, sampling, args.repeats, seed=1)
-        fp32 = time_torch(torch_fp32, prompts, args.new_tokens, args.repeats)
+        models = {"fp32": torch_fp32} if torch_bf16 is None else {"fp32": torch_fp32, "bf16": torch_bf16}
+        for model in models.values():
+            time_torch(model, prompts, 2)  # warm-up
+        # Rounds interleave the contenders so that a change in machine load hits all of them alike.
+        best = {name: np.inf for name in ("ours", *models)}
+        for round_index in range(args.repeats):
+            best["ours"] = min(best["ours"], time_ours(sampler, policy.params, prompts, sampling, round_index + 1))
+            for name, model in models.items():
+                best[name] = min(best[name], time_torch(model, prompts, args.new_tokens))
+        ours, fp32 = best["ours"], best["fp32"]
         tokens = batch * args.new_tokens
         bf16_cells = f"{'-':>10} | {'-':>5}"
-        if torch_bf16 is not None:
-            time_torch(torch_bf16, prompts, 2, 1)
-            bf16 = time_torch(torch_bf16, prompts, args.new_tokens, args.repeats)
-            bf16_cells = f"{tokens / bf16:10.1f} | {bf16 / ours:5.2f}"
+        if "bf16" in best:
+            bf16_cells = f"{tokens / best['bf16']:10.1f} | {best['bf16'] / ours:5.2f}"
         step_bytes = bytes_per_step(policy, sampler_batch(batch), args.prompt_len + args.new_tokens)
         fraction = step_bytes * (args.new_tokens / ours) / bandwidth
         print(f"{batch:5d} | {tokens / ours:10.1f} | {tokens / fp32:10.1f} | {fp32 / ours:5.2f} | {bf16_cells} | "

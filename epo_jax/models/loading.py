@@ -48,19 +48,42 @@ class Policy:
 
 
 def hf_name(path: tuple[Any, ...]) -> str:
-    """Hugging Face tensor name of a param path: ('layers', 0, 'mlp', ...) -> 'model.layers.0.mlp...'."""
-    name = ".".join(str(part) for part in path)
+    """Hugging Face tensor name of a param path: ('layers', 0, 'mlp', 'up_proj', 'kernel') ->
+    'model.layers.0.mlp.up_proj.weight'."""
+    parts = [str(part) for part in path[:-1]] + ["weight" if path[-1] == "kernel" else str(path[-1])]
+    name = ".".join(parts)
     return name if path[0] == "lm_head" else f"model.{name}"
 
 
+def _kernel_in_dims(path: tuple[Any, ...]) -> int:
+    """How many leading kernel dimensions are inputs: o_proj takes (heads, head_dim), the rest one."""
+    return 2 if path[-2] == "o_proj" else 1
+
+
 def hf_shape(path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Hugging Face shape of a param: attention projections merge their head and head_dim axes."""
-    module, kind = path[-2], path[-1]
-    if module in ("q_proj", "k_proj", "v_proj"):
-        return (shape[0] * shape[1],) + shape[2:] if kind == "weight" else (shape[0] * shape[1],)
-    if module == "o_proj" and kind == "weight":
-        return (shape[0], shape[1] * shape[2])
-    return shape
+    """Hugging Face shape of a param: kernels [*in, *out] are [prod(out), prod(in)]; head-split
+    biases are flat."""
+    if path[-1] == "kernel":
+        n_in = _kernel_in_dims(path)
+        return (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
+    if path[-1] == "bias":
+        return (int(np.prod(shape)),)
+    return tuple(shape)
+
+
+def to_hf_tensor(path: tuple[Any, ...], array: np.ndarray) -> np.ndarray:
+    """A param in Hugging Face layout (kernels transposed to [out, in], head dimensions merged)."""
+    if path[-1] == "kernel":
+        n_in = _kernel_in_dims(path)
+        return array.reshape(int(np.prod(array.shape[:n_in])), -1).T
+    return array.reshape(hf_shape(path, array.shape))
+
+
+def from_hf_tensor(path: tuple[Any, ...], array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `to_hf_tensor`: a Hugging Face tensor laid out as the param of `shape`."""
+    if path[-1] == "kernel":
+        return array.T.reshape(shape)
+    return array.reshape(shape)
 
 
 def _place(array: np.ndarray, spec: Any, mesh: Mesh | None) -> jax.Array:
@@ -81,7 +104,7 @@ def _assemble_params(
     param_dtype = jnp.dtype(config.param_dtype)
     filled = []
     for (path, variable), (_, spec) in zip(nnx.to_flat_state(abstract), specs):
-        array = np.asarray(read(hf_name(path))).astype(param_dtype, copy=False).reshape(variable.shape)
+        array = from_hf_tensor(path, np.asarray(read(hf_name(path))), variable.shape).astype(param_dtype, copy=False)
         filled.append((path, variable.replace(_place(array, spec.get_value(), mesh))))
     return graphdef, nnx.from_flat_state(filled)
 
@@ -293,8 +316,7 @@ def load_pretrained(
 
 def _hf_tensors(params: nnx.State) -> Iterator[tuple[str, np.ndarray]]:
     for path, variable in nnx.to_flat_state(params):
-        array = np.asarray(jax.device_get(variable.get_value()))
-        yield hf_name(path), array.reshape(hf_shape(path, array.shape))
+        yield hf_name(path), to_hf_tensor(path, np.asarray(jax.device_get(variable.get_value())))
 
 
 def save_pretrained(

@@ -127,23 +127,24 @@ def _batch_bucket(batch: int, multiple: int) -> int:
     return _round_up(1 << max(0, (batch - 1).bit_length()), multiple)
 
 
-def _truncation_mask(logp_BxV: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array | None:
+def _truncation_mask(z_BxV: jax.Array, log_normalizer_B: jax.Array, top_k: int,
+                     top_p: jax.Array | None) -> jax.Array | None:
     """Tokens kept by top-k, then by the nucleus of what top-k kept (the smallest set of most probable
     tokens holding a top_p share of its mass; Holtzman et al. 2020), in the order transformers applies
-    them; None when neither applies. Ties at a boundary are kept."""
+    them; None when neither applies. Ties at a boundary are kept. z are the scaled logits."""
     keep_BxV = None
     if top_k:
-        kth_B = jax.lax.top_k(logp_BxV, top_k)[0][:, -1]
-        keep_BxV = logp_BxV >= kth_B[:, None]
+        kth_B = jax.lax.top_k(z_BxV, top_k)[0][:, -1]
+        keep_BxV = z_BxV >= kth_B[:, None]
     if top_p is not None:
-        sorted_desc = -jnp.sort(-logp_BxV, axis=-1)
-        probs = jnp.exp(sorted_desc)
+        sorted_desc = -jnp.sort(-z_BxV, axis=-1)
+        probs = jnp.exp(sorted_desc - log_normalizer_B[:, None])
         if top_k:
             probs = jnp.where(jnp.arange(probs.shape[-1]) < top_k, probs, 0.0)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         in_nucleus = mass_before < top_p * jnp.sum(probs, axis=-1, keepdims=True)
         threshold_B = jnp.min(jnp.where(in_nucleus, sorted_desc, jnp.inf), axis=-1)
-        nucleus = logp_BxV >= threshold_B[:, None]
+        nucleus = z_BxV >= threshold_B[:, None]
         keep_BxV = nucleus if keep_BxV is None else keep_BxV & nucleus
     return keep_BxV
 
@@ -162,31 +163,64 @@ class _DecodeStatics:
     stop_lengths: tuple[int, ...]
 
 
+_SAMPLING_BLOCK = 256
+
+
+def _last_positive(weights: jax.Array) -> jax.Array:
+    """Index of the last positive entry along the last axis."""
+    n = weights.shape[-1]
+    return n - 1 - jnp.argmax(weights[..., ::-1] > 0, axis=-1)
+
+
 def _inverse_cdf_sample(weights_BxV: jax.Array, keys_B: jax.Array) -> jax.Array:
     """One draw per row from p proportional to weights: the first token whose cumulative weight
-    exceeds u * total, u ~ U[0, 1). One uniform per row instead of a Gumbel variate per vocabulary
-    entry, which costs several times the rest of the sampling head on CPU."""
-    cdf_BxV = jnp.cumsum(weights_BxV, axis=-1)
-    u_B = jax.vmap(jax.random.uniform)(keys_B)
-    token_B = jnp.sum(cdf_BxV <= (u_B * cdf_BxV[:, -1])[:, None], axis=-1)
-    return jnp.minimum(token_B, weights_BxV.shape[-1] - 1).astype(jnp.int32)
+    exceeds u * total, u ~ U[0, 1).
+
+    Two levels, blocks of 256 tokens then tokens within the chosen block, so the only scans are
+    over V / 256 block sums and 256 weights: a Gumbel variate per vocabulary entry, or a cumulative
+    sum over the whole vocabulary, each cost several times the rest of the sampling head on CPU.
+    Rounding can leave the target at or past the last cumulative sum; the draw then takes the last
+    token of positive weight, never a truncated one.
+    """
+    batch, vocab = weights_BxV.shape
+    n_blocks = -(-vocab // _SAMPLING_BLOCK)
+    padded = jnp.pad(weights_BxV, ((0, 0), (0, n_blocks * _SAMPLING_BLOCK - vocab)))
+    blocks_BxNxK = padded.reshape(batch, n_blocks, _SAMPLING_BLOCK)
+    block_sums_BxN = jnp.sum(blocks_BxNxK, axis=-1)
+    block_cdf_BxN = jnp.cumsum(block_sums_BxN, axis=-1)
+    target_B = jax.vmap(jax.random.uniform)(keys_B) * block_cdf_BxN[:, -1]
+    block_B = jnp.minimum(jnp.sum(block_cdf_BxN <= target_B[:, None], axis=-1), _last_positive(block_sums_BxN))
+    mass_before_B = jnp.take_along_axis(block_cdf_BxN - block_sums_BxN, block_B[:, None], axis=1)[:, 0]
+    inner_BxK = jnp.take_along_axis(blocks_BxNxK, block_B[:, None, None], axis=1)[:, 0]
+    inner_cdf_BxK = jnp.cumsum(inner_BxK, axis=-1) + mass_before_B[:, None]
+    within_B = jnp.minimum(jnp.sum(inner_cdf_BxK <= target_B[:, None], axis=-1), _last_positive(inner_BxK))
+    return (block_B * _SAMPLING_BLOCK + within_B).astype(jnp.int32)
 
 
 def _sampling_head(
     logits_BxV: jax.Array, keys_B: jax.Array, statics: _DecodeStatics, temperature: jax.Array, top_p: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(token, log p(token), entropy) with p = softmax(logits / T) over the full vocabulary and
-    H = -sum_v p(v) log p(v); the token is drawn from p restricted to top-k / top-p (or its argmax)."""
-    logp_BxV = jax.nn.log_softmax(logits_BxV / temperature, axis=-1)
-    probs_BxV = jnp.exp(logp_BxV)
-    entropy_B = -jnp.sum(probs_BxV * logp_BxV, axis=-1)
+    """(token, log p(token), entropy) with p = softmax(z), z = logits / T, over the full vocabulary.
+
+    With m = max z, e = exp(z - m), s = sum e: log p(v) = z_v - m - log s and
+    H = -sum_v p(v) log p(v) = log s - sum_v e_v (z_v - m) / s, one pass over the vocabulary. The
+    token is drawn from p restricted to top-k / top-p, or is the first argmax when greedy.
+    """
+    z_BxV = logits_BxV / temperature
+    max_B = jnp.max(z_BxV, axis=-1)
+    shifted_BxV = z_BxV - max_B[:, None]
+    exp_BxV = jnp.exp(shifted_BxV)
+    sum_B = jnp.sum(exp_BxV, axis=-1)
+    entropy_B = jnp.log(sum_B) - jnp.sum(exp_BxV * shifted_BxV, axis=-1) / sum_B
+    log_normalizer_B = max_B + jnp.log(sum_B)
     if statics.greedy:
-        token_B = jnp.argmax(logp_BxV, axis=-1).astype(jnp.int32)
+        vocab_ids = jnp.arange(z_BxV.shape[-1])
+        token_B = jnp.min(jnp.where(shifted_BxV >= 0, vocab_ids, z_BxV.shape[-1]), axis=-1).astype(jnp.int32)
     else:
-        keep_BxV = _truncation_mask(logp_BxV, statics.top_k, top_p if statics.use_top_p else None)
-        weights_BxV = probs_BxV if keep_BxV is None else jnp.where(keep_BxV, probs_BxV, 0.0)
+        keep_BxV = _truncation_mask(z_BxV, log_normalizer_B, statics.top_k, top_p if statics.use_top_p else None)
+        weights_BxV = exp_BxV if keep_BxV is None else jnp.where(keep_BxV, exp_BxV, 0.0)
         token_B = _inverse_cdf_sample(weights_BxV, keys_B)
-    logprob_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=1)[:, 0]
+    logprob_B = jnp.take_along_axis(z_BxV, token_B[:, None], axis=1)[:, 0] - log_normalizer_B
     return token_B, logprob_B, entropy_B
 
 

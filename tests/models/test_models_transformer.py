@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 import torch
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from epo_jax.models import loading, transformer
 from epo_jax.models.config import UnsupportedArchitectureError
@@ -143,17 +143,17 @@ def test_partition_specs_follow_heads_and_fall_back_when_indivisible():
     _, params = transformer.abstract_params(config)
     specs = transformer.param_partition_specs(params, _mesh(1, 2, 4))
     layer = specs["layers"][0]
-    assert layer["mlp"]["gate_proj"]["weight"].get_value() == jax.sharding.PartitionSpec("tensor", "fsdp")
-    assert layer["mlp"]["down_proj"]["weight"].get_value() == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert layer["mlp"]["gate_proj"]["kernel"].get_value() == PartitionSpec("fsdp", "tensor")
+    assert layer["mlp"]["down_proj"]["kernel"].get_value() == PartitionSpec("tensor", "fsdp")
     # 6 query heads and 3 kv heads do not divide tensor=4: heads stay whole, fsdp takes the largest dim.
-    assert layer["self_attn"]["q_proj"]["weight"].get_value() == jax.sharding.PartitionSpec(None, None, "fsdp")
-    assert layer["self_attn"]["k_proj"]["weight"].get_value() == jax.sharding.PartitionSpec(None, None, "fsdp")
-    assert layer["input_layernorm"]["weight"].get_value() == jax.sharding.PartitionSpec(None)
+    assert layer["self_attn"]["q_proj"]["kernel"].get_value() == PartitionSpec("fsdp", None, None)
+    assert layer["self_attn"]["o_proj"]["kernel"].get_value() == PartitionSpec(None, None, "fsdp")
+    assert layer["input_layernorm"]["weight"].get_value() == PartitionSpec(None)
+    assert specs["embed_tokens"]["weight"].get_value() == PartitionSpec("tensor", "fsdp")
     # Without tensor parallelism FSDP goes to the largest dimension (the vocabulary, the MLP width).
     specs_fsdp = transformer.param_partition_specs(params, _mesh(1, 8, 1))
-    assert specs_fsdp["embed_tokens"]["weight"].get_value() == jax.sharding.PartitionSpec("fsdp", None)
-    assert specs_fsdp["layers"][0]["mlp"]["down_proj"]["weight"].get_value() == jax.sharding.PartitionSpec(
-        None, "fsdp")
+    assert specs_fsdp["embed_tokens"]["weight"].get_value() == PartitionSpec("fsdp", None)
+    assert specs_fsdp["layers"][0]["mlp"]["down_proj"]["kernel"].get_value() == PartitionSpec("fsdp", None)
 
 
 def test_bfloat16_params_and_compute_track_transformers_bfloat16(saved_qwen2):
@@ -189,9 +189,23 @@ def test_gradients_with_and_without_remat_and_query_blocks_match_torch_autograd(
         grads = jax.jit(jax.grad(
             lambda p: _next_token_nll(transformer.logits(graphdef_remat, p, tokens), tokens)))(params)
         for path, variable in nnx.to_flat_state(grads):
-            ours = np.asarray(variable.get_value())
-            theirs = torch_grads[loading.hf_name(path)].reshape(ours.shape)
+            ours = loading.to_hf_tensor(path, np.asarray(variable.get_value()))
+            theirs = torch_grads[loading.hf_name(path)]
             np.testing.assert_allclose(ours, theirs, atol=2e-5 * max(1.0, np.abs(theirs).max()), rtol=1e-3)
+
+
+def test_remat_forward_with_params_closed_over_by_an_inner_trace():
+    """The trainer scores micro-batches in a lax.map whose body closes over the jitted params; the
+    rematerialised layers must accept params created by an outer trace and match the plain model."""
+    config = tiny_config("qwen2")
+    graphdef, params = random_params(config, seed=5)
+    graphdef_remat, _ = transformer.abstract_params(config.replace(remat=True))
+    tokens = jnp.asarray(np.random.RandomState(2).randint(3, 300, (3, 9)))
+
+    def mapped_logits(graphdef):
+        return jax.jit(lambda p: jax.lax.map(lambda row: transformer.logits(graphdef, p, row[None]), tokens))(params)
+
+    np.testing.assert_allclose(mapped_logits(graphdef_remat), mapped_logits(graphdef), rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture
