@@ -24,12 +24,25 @@ def bucket(length: int, buckets: Sequence[int]) -> int:
 
 
 def build_batch(samples: Sequence[TurnSample], *, prompt_buckets: Sequence[int], response_len: int,
-                row_multiple: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Stacks samples into arrays; `row_multiple` is the number of rows one update consumes at once."""
-    if not samples:
-        raise ValueError("build_batch needs at least one turn sample")
-    prompt_len = bucket(max(len(s.prompt_ids) for s in samples), prompt_buckets)
-    rows = -(-len(samples) // row_multiple) * row_multiple
+                row_multiple: int, pad_id: int, rows: int | None = None, prompt_len: int | None = None,
+                padding_id_start: int = 1_000_000) -> dict[str, np.ndarray]:
+    """Stacks samples into arrays; `row_multiple` is the number of rows one update consumes at once.
+
+    `rows` and `prompt_len` fix the shape instead (every process of a multi-host run must hand the
+    same shape to the update: they agree on the largest); `padding_id_start` numbers the padding
+    rows' trajectory and group ids, distinct across processes so that no padding row joins another.
+    """
+    if not samples and rows is None:
+        raise ValueError("build_batch needs at least one turn sample (or a fixed `rows`)")
+    longest = max((len(s.prompt_ids) for s in samples), default=1)
+    if prompt_len is None:
+        prompt_len = bucket(longest, prompt_buckets)
+    elif prompt_len < longest:
+        raise ValueError(f"prompt_len={prompt_len} is shorter than the longest prompt ({longest} tokens)")
+    if rows is None:
+        rows = -(-len(samples) // row_multiple) * row_multiple
+    elif rows < len(samples):
+        raise ValueError(f"rows={rows} cannot hold {len(samples)} samples")
     tokens = np.full((rows, prompt_len + response_len), pad_id, np.int32)
     attention = np.zeros((rows, prompt_len + response_len), bool)
     response_mask = np.zeros((rows, response_len), np.float32)
@@ -40,8 +53,8 @@ def build_batch(samples: Sequence[TurnSample], *, prompt_buckets: Sequence[int],
     last_turn = np.zeros(rows, bool)
     valid = np.zeros(rows, bool)
     # Padding rows get distinct trajectory ids past the real ones so they join no group.
-    ints["traj_id"][:] = np.arange(rows) + 1_000_000
-    ints["group_id"][:] = np.arange(rows) + 1_000_000
+    ints["traj_id"][:] = np.arange(rows) + padding_id_start
+    ints["group_id"][:] = np.arange(rows) + padding_id_start
     for i, s in enumerate(samples):
         p, r = len(s.prompt_ids), min(len(s.response_ids), response_len)
         tokens[i, prompt_len - p:prompt_len] = s.prompt_ids

@@ -75,6 +75,51 @@ def put(tree, sharding_or_tree):
     return jax.tree.map(one, tree, sharding_or_tree)
 
 
+def rollout_mesh(mesh: Mesh) -> Mesh:
+    """The mesh this process generates on: the whole mesh on one process; on several, a mesh of
+    this process's own devices (axes data=1, fsdp, tensor), so that every host samples for its own
+    environments without waiting for the others' turns.
+
+    The tensor axis keeps the training mesh's size where it divides the local devices (tensor
+    parallelism normally stays within a host); the remaining local devices go to fsdp.
+    """
+    if jax.process_count() == 1:
+        return mesh
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    tensor = mesh.shape["tensor"] if len(local) % mesh.shape["tensor"] == 0 else 1
+    return Mesh(np.asarray(local).reshape(1, len(local) // tensor, tensor), AXES)
+
+
+def host_local_params(params, mesh: Mesh, local_mesh: Mesh):
+    """A copy of `params` held by every process on its own devices (laid out for `local_mesh`),
+    for the rollout; the identity on one process.
+
+    On several processes the params are resharded in one jitted collective onto a mesh with a
+    leading `hosts` axis that no param uses (each host gets a whole copy, split over its devices
+    as the model's partition specs say), and each process then wraps its own shards as an array
+    on `local_mesh`. Every process must call this at the same point (it is a collective).
+    """
+    if local_mesh is mesh:
+        return params
+    from epo_jax.models import transformer
+
+    hosts = sorted({d.process_index for d in mesh.devices.flat})
+    rows = [[d for d in mesh.devices.flat if d.process_index == h] for h in hosts]
+    grid = np.asarray(rows).reshape(len(hosts), *local_mesh.devices.shape)
+    # This process's row of the hosts mesh is its local mesh, device for device (both list the
+    # process's devices in the training mesh's order), so its shards land where local_mesh wants them.
+    assert (grid[hosts.index(jax.process_index())] == local_mesh.devices).all()
+    hosts_mesh = Mesh(grid, ("hosts",) + AXES)
+    specs = transformer.param_partition_specs(params, local_mesh)
+    gathered = jax.jit(lambda x: x, out_shardings=jax.tree.map(lambda s: NamedSharding(hosts_mesh, s), specs))(params)
+
+    def local(x, spec):
+        return jax.make_array_from_single_device_arrays(
+            x.shape, NamedSharding(local_mesh, spec), [shard.data for shard in x.addressable_shards])
+
+    return jax.tree.map(local, gathered, specs)
+
+
 def batch_divisor(mesh: Mesh) -> int:
     """Global batch sizes must be multiples of this (the number of batch shards)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]

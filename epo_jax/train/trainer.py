@@ -6,7 +6,10 @@ One RL step k:
   1. rollout: `num_groups` episode specs from the shuffled train split (a cursor into it is part
      of the checkpoint); every group of `group_size` environments plays its spec; each turn is
      one batched sampler call for all active environments (epo_jax.rollout.agent_loop).
-  2. batch: turn samples -> padded arrays (epo_jax.train.batch), sharded over data x fsdp.
+     On several processes (a pod), process h plays groups [h G/P, (h+1) G/P) with its own
+     environment pool and samples on its own devices from a host-local copy of the params.
+  2. batch: turn samples -> padded arrays (epo_jax.train.batch), sharded over data x fsdp; the
+     processes agree on one shape and each contributes its own rows.
   3. score: critic values and reference log-probs, one jitted forward.
   4. advantages: GAE / GRPO / Dr.GRPO / RLOO / GiGPO (epo_jax.train.advantages).
   5. update: PPO epochs x minibatches x micro-batches with EPO's objective (epo_jax.train.update).
@@ -30,6 +33,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from epo_jax.rollout.samples import Episode
 
 from epo_jax import envs
 from epo_jax.models.loading import load_pretrained
@@ -128,12 +133,77 @@ def _episode_metrics(prefix: str, episodes: list) -> dict[str, float]:
     return out
 
 
+def _allgather(values: np.ndarray) -> np.ndarray:
+    """[P, ...]: every process's `values` (same shape on all), in process order."""
+    if jax.process_count() == 1:
+        return np.asarray(values)[None]
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+    """A replicated array's value on this process (np.asarray refuses arrays spanning other hosts)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
+_EPISODE_FIELDS = ("won", "score", "reward", "num_turns", "invalid_turns", "truncated", "crashed")
+
+
+def _gather_episodes(episodes: list[Episode], capacity: int, tasks: list[str]) -> list[Episode]:
+    """All processes' episodes (each process passes at most `capacity`), in process order; one
+    process returns its own list unchanged. Task names travel as indices into `tasks`."""
+    if jax.process_count() == 1:
+        return episodes
+    rows = np.zeros((capacity, len(_EPISODE_FIELDS) + 3), np.float64)  # + present, task, variation
+    for i, e in enumerate(episodes):
+        rows[i] = [float(getattr(e, f)) for f in _EPISODE_FIELDS] + [1.0, tasks.index(e.task), e.variation]
+    gathered = _allgather(rows).reshape(-1, rows.shape[1])
+    out = []
+    for row in gathered[gathered[:, -3] > 0]:
+        values = dict(zip(_EPISODE_FIELDS, row))
+        out.append(Episode(traj_id=len(out), group_id=len(out), task=tasks[int(row[-2])], variation=int(row[-1]),
+                           won=bool(values["won"]), score=values["score"], reward=values["reward"],
+                           num_turns=int(values["num_turns"]), invalid_turns=int(values["invalid_turns"]),
+                           truncated=bool(values["truncated"]), crashed=bool(values["crashed"])))
+    return out
+
+
+def _combine_rollout_stats(stats: dict[str, float]) -> dict[str, float]:
+    """The processes' rollout statistics as one run's: token and prompt counts add up, turn counts
+    and times take the slowest process (the step waits for it), throughput is recomputed."""
+    if jax.process_count() == 1:
+        return stats
+    keys = sorted(stats)
+    key_sets = _allgather(np.asarray([zlib.crc32("|".join(keys).encode())], np.int64))
+    if len(set(key_sets.ravel().tolist())) > 1:
+        raise RuntimeError("processes report different rollout statistics; they must run the same config")
+    values = _allgather(np.asarray([stats[k] for k in keys], np.float64))
+    out = {}
+    for i, key in enumerate(keys):
+        additive = key.startswith("rollout/") and key != "rollout/turns"
+        out[key] = float(values[:, i].sum() if additive else values[:, i].max())
+    if "rollout/new_tokens" in out and "time/generate_s" in out:
+        out["throughput/rollout_tokens_per_s"] = out["rollout/new_tokens"] / max(out["time/generate_s"], 1e-9)
+    return out
+
+
 def _micro_batches(num_samples: int, config) -> int:
     """Micro-batches per minibatch for this step's sample count, rounded up to a power of two so
     that the update compiles for a handful of shapes only."""
     per_micro = config.algo.num_minibatches * config.algo.micro_batch_size
     needed = max(1, -(-num_samples // per_micro))
     return 1 << (needed - 1).bit_length()
+
+
+def _batch_rows(num_samples: int, config) -> int:
+    """Rows of the global batch for `num_samples` turn samples: a multiple of what one update
+    consumes (minibatches x micro-batches x micro-batch size)."""
+    multiple = config.algo.num_minibatches * config.algo.micro_batch_size * _micro_batches(num_samples, config)
+    return -(-num_samples // multiple) * multiple
+
+
+def _process_key(key: jax.Array) -> jax.Array:
+    """This process's share of a key: processes sample their own environments independently."""
+    return key if jax.process_count() == 1 else jax.random.fold_in(key, jax.process_index())
 
 
 def make_score_fn(config, forward_fn, ref_forward_fn):
@@ -203,8 +273,14 @@ def train_and_evaluate(config) -> TrainState:
                                      policy.make_forward_fn(config, graphdef, with_critic=False)))
     advantage_fn = jax.jit(make_advantage_fn(config))
 
-    num_envs = config.env.num_groups * config.env.group_size
-    sampler = agent_loop.make_generate_fn(config, graphdef, model_config, tokenizer, mesh)
+    num_processes, process = jax.process_count(), jax.process_index()
+    if config.env.num_groups % num_processes:
+        raise ValueError(f"env.num_groups={config.env.num_groups} must be a multiple of the number of "
+                         f"processes ({num_processes}): each process plays the same number of groups")
+    local_groups = config.env.num_groups // num_processes
+    num_envs = local_groups * config.env.group_size  # this process's environments
+    local_mesh = sharding.rollout_mesh(mesh)
+    sampler = agent_loop.make_generate_fn(config, graphdef, model_config, tokenizer, local_mesh)
     pool = envs.make_pool(config.env.name, num_envs, group_size=config.env.group_size,
                           max_turns=config.env.max_turns, step_timeout_s=config.env.step_timeout_s,
                           seed=config.seed, **_env_options(config))
@@ -215,32 +291,47 @@ def train_and_evaluate(config) -> TrainState:
         with _Preemption() as preemption:
             for step in range(start_step + 1, config.train.total_steps + 1):
                 t0 = time.perf_counter()
-                specs = [train_specs[(cursor + g) % len(train_specs)] for g in range(config.env.num_groups)]
+                specs = [train_specs[(cursor + g) % len(train_specs)]
+                         for g in range(process * local_groups, (process + 1) * local_groups)]
+                rollout_params = sharding.host_local_params(state.params["policy"], mesh, local_mesh)
                 rollout = agent_loop.run_episodes(
-                    pool, functools.partial(sampler, state.params["policy"],
-                                            temperature=config.rollout.temperature),
-                    tokenizer, specs, jax.random.fold_in(rollout_key, step), config=config)
+                    pool, functools.partial(sampler, rollout_params, temperature=config.rollout.temperature),
+                    tokenizer, specs, _process_key(jax.random.fold_in(rollout_key, step)), config=config)
                 cursor = (cursor + config.env.num_groups) % len(train_specs)
                 t_rollout = time.perf_counter() - t0
                 samples = [s for s in rollout.samples if not rollout.episodes[s.traj_id].crashed]
-                metrics = {**rollout.stats, **_episode_metrics("", rollout.episodes)}
-                if samples:
+                for s in samples:  # ids unique across processes: groups never mix hosts' episodes
+                    s.traj_id += process * num_envs
+                    s.group_id += process * local_groups
+                episodes = _gather_episodes(rollout.episodes, num_envs, sorted({s.task for s in train_specs}))
+                metrics = {**_combine_rollout_stats(rollout.stats), **_episode_metrics("", episodes)}
+                # Every process hands the update the same shape: room for the largest share, padded.
+                counts = _allgather(np.asarray([len(samples), max((len(s.prompt_ids) for s in samples),
+                                                                  default=1)]))
+                total_samples = int(counts[:, 0].sum())
+                if total_samples:
                     t1 = time.perf_counter()
+                    global_rows = _batch_rows(int(counts[:, 0].max()) * num_processes, config)
+                    if global_rows % num_processes:
+                        raise ValueError(f"the update's rows ({global_rows}) do not split over {num_processes} "
+                                         "processes; make algo.micro_batch_size a multiple of the process count")
+                    local_rows = global_rows // num_processes
                     host_batch = batch_lib.build_batch(
                         samples, prompt_buckets=config.rollout.prompt_buckets,
-                        response_len=config.rollout.max_response_len,
-                        row_multiple=config.algo.num_minibatches * config.algo.micro_batch_size
-                        * _micro_batches(len(samples), config),
-                        pad_id=agent_loop.pad_id(tokenizer))
+                        response_len=config.rollout.max_response_len, row_multiple=1,
+                        rows=local_rows,
+                        prompt_len=batch_lib.bucket(int(counts[:, 1].max()), config.rollout.prompt_buckets),
+                        pad_id=agent_loop.pad_id(tokenizer),
+                        padding_id_start=1_000_000 + process * local_rows)
                     batch = sharding.shard_batch(host_batch, mesh)
                     batch.update(score_fn(state.params, ref_params, batch))
                     batch.update(advantage_fn(batch, batch.get("old_values")))
                     state, update_metrics = update_fn(state, batch)
-                    update_metrics = jax.device_get(update_metrics)
+                    update_metrics = jax.tree.map(_host_value, update_metrics)
                     metrics.update(_update_metrics(update_metrics))
                     metrics["time/update_s"] = time.perf_counter() - t1
-                    metrics["batch/turn_samples"] = float(len(samples))
-                    metrics["batch/rows"] = float(host_batch["tokens"].shape[0])
+                    metrics["batch/turn_samples"] = float(total_samples)
+                    metrics["batch/rows"] = float(global_rows)
                     metrics["batch/prompt_len"] = float(host_batch["tokens"].shape[1]
                                                         - config.rollout.max_response_len)
                 else:
@@ -254,11 +345,13 @@ def train_and_evaluate(config) -> TrainState:
                                                 or step == config.train.total_steps):
                     if eval_pool is None:
                         eval_pool = envs.make_pool(
-                            config.env.name, min(num_envs, config.eval.num_episodes), group_size=1,
+                            config.env.name, min(num_envs, -(-config.eval.num_episodes // num_processes)),
+                            group_size=1,
                             max_turns=config.env.max_turns, step_timeout_s=config.env.step_timeout_s,
                             seed=config.seed + 1, **_env_options(config))
                     t_eval = time.perf_counter()
-                    metrics.update(evaluate(config, state.params["policy"], sampler, tokenizer,
+                    eval_params = sharding.host_local_params(state.params["policy"], mesh, local_mesh)
+                    metrics.update(evaluate(config, eval_params, sampler, tokenizer,
                                             jax.random.fold_in(eval_key, step), eval_pool))
                     metrics["time/eval_s"] = time.perf_counter() - t_eval
                 scalars = writer.write(step, metrics)
@@ -298,8 +391,10 @@ def evaluate(config, policy_params, generate, tokenizer, rng, pool) -> dict[str,
     played in waves of `pool`'s size (a pool of groups of one)."""
     out: dict[str, float] = {}
     generate_eval = functools.partial(generate, policy_params, temperature=config.eval.temperature)
+    rng = _process_key(rng)
     for split in config.env.eval_splits:
-        specs = _eval_specs(config, split)
+        all_specs = _eval_specs(config, split)
+        specs = all_specs[jax.process_index()::jax.process_count()]  # this process's share
         episodes = []
         for wave, start in enumerate(range(0, len(specs), pool.num_groups)):
             chunk = specs[start:start + pool.num_groups]
@@ -309,6 +404,8 @@ def evaluate(config, policy_params, generate, tokenizer, rng, pool) -> dict[str,
                 jax.random.fold_in(jax.random.fold_in(rng, zlib.crc32(split.encode())), wave),
                 config=config)
             episodes.extend(rollout.episodes[:len(chunk)])
+        episodes = _gather_episodes(episodes, -(-len(all_specs) // jax.process_count()),
+                                    sorted({s.task for s in all_specs}))
         out.update(_episode_metrics(f"eval/{split}/", episodes))
         for task in sorted({e.task for e in episodes}):
             finished = [e for e in episodes if e.task == task and not e.crashed]

@@ -43,6 +43,24 @@ def test_build_batch_layout():
     np.testing.assert_array_equal(b["last_turn"], [False, True, False, False])
 
 
+def test_build_batch_with_an_agreed_shape_for_multi_host_runs():
+    """Each process of a multi-host run pads its rows to the shape all agreed on; padding ids start
+    where the process says, so no two processes' padding rows share a group."""
+    samples = [sample(3, 2, 0, 0, 0)]
+    b = build_batch(samples, prompt_buckets=(4, 8), response_len=4, row_multiple=4, pad_id=0,
+                    rows=6, prompt_len=8, padding_id_start=2_000_000)
+    assert b["tokens"].shape == (6, 12) and b["valid"].sum() == 1
+    np.testing.assert_array_equal(b["group_id"][1:], 2_000_000 + np.arange(1, 6))
+    # A process whose episodes all crashed still contributes its (all-padding) share.
+    empty = build_batch([], prompt_buckets=(4,), response_len=4, row_multiple=4, pad_id=0, rows=2, prompt_len=4)
+    assert empty["tokens"].shape == (2, 8) and not empty["valid"].any()
+    with pytest.raises(ValueError, match="shorter than the longest prompt"):
+        build_batch([sample(5, 2, 0, 0, 0)], prompt_buckets=(8,), response_len=4, row_multiple=1, pad_id=0,
+                    prompt_len=4)
+    with pytest.raises(ValueError, match="cannot hold 1 samples"):
+        build_batch(samples, prompt_buckets=(4,), response_len=4, row_multiple=1, pad_id=0, rows=0)
+
+
 def test_trajectory_returns_sum_penalties_once():
     # Trajectory 0: turns with penalties -0.1, 0, -0.1, episode reward 10; trajectory 1: 0.
     episode = np.array([10, 10, 10, 0, 0], np.float32)
