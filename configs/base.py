@@ -30,6 +30,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.rollout.top_k = 0                # 0 = no top-k
     c.rollout.stop_strings = ("</action>",)
     c.rollout.prompt_buckets = (256, 512, 1024, 2048)
+    # AEPO's entropy-balanced rollout (docs/algorithms.md section 2 (a), (b); epo_jax/rollout/branching.py):
+    # a group's env.group_size environments are split into rollouts from the start and branches
+    # that fork running episodes (a fresh environment replays the parent's actions).
+    c.rollout.branching = False
+    c.rollout.branch_premonitor = True       # m from entropy pre-monitoring (False: m = initial_fraction * n)
+    c.rollout.branch_initial_fraction = 0.5  # rollouts from the start without pre-monitoring, as a fraction of n
+    c.rollout.branch_beta = 0.5              # beta in m = clamp(int(n sigmoid(beta (H_root - H_tool))) + 1, 1, n)
+    c.rollout.branch_monitor_turns = 3       # turns of the probe rollout: H_root = its turn 0, H_tool = turns 1..K-1
+    c.rollout.branch_entropy_tokens = 20     # a turn's entropy: mean over its first tokens, / log(vocab)
+    c.rollout.branch_w = 0.2                 # w in p = (U[0,1) + w dH) * max(0, 1 - decay * l)
+    c.rollout.branch_decay = 0.05            # per consecutive turn l in which the group forked
+    c.rollout.branch_threshold = 0.5         # fork when p >= threshold
+    c.rollout.branch_fill = True             # a group whose rollouts all ended starts a fresh one while slots remain
 
     # Environments.
     c.env = ml_collections.ConfigDict()
@@ -53,12 +66,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The RL algorithm.
     c.algo = ml_collections.ConfigDict()
     c.algo.advantage = "ppo_gae"       # ppo_gae | grpo | drgrpo | rloo | gigpo
-    c.algo.entropy_control = "epo"     # none | bonus | epo
+    c.algo.entropy_control = "epo"     # none | bonus | epo | aepo | clip_cov | kl_cov | top_entropy
     c.algo.clip_low = 0.2
-    c.algo.clip_high = 0.2
+    c.algo.clip_high = 0.2             # DAPO clip-higher preset: clip_low = 0.2, clip_high = 0.28
     c.algo.dual_clip = 3.0
     c.algo.loss_agg = "token-mean"     # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     c.algo.entropy_coef = 0.0          # plain entropy bonus (entropy_control = "bonus")
+    c.algo.aepo_entropy_adv_coef = 0.2  # aepo: a in A <- A (1 + a z(H)), z = entropy standardised over the batch
+    c.algo.clip_cov_ratio = 2e-4       # clip_cov: fraction of tokens whose policy gradient is removed (random, drawn from seed + RL step)
+    c.algo.clip_cov_lb = 1.0           # clip_cov: candidates have clip_cov_lb < Cov < clip_cov_ub
+    c.algo.clip_cov_ub = 5.0
+    c.algo.kl_cov_ratio = 2e-3         # kl_cov: fraction of tokens (top by Cov) given the |log-ratio| penalty
+    c.algo.kl_cov_coef = 1.0           # kl_cov: weight of that penalty
+    c.algo.top_entropy_fraction = 0.2  # top_entropy: fraction of tokens (highest entropy) that keep their gradient
     c.algo.gamma = 1.0
     c.algo.gae_lambda = 1.0
     c.algo.whiten_advantages = True

@@ -12,10 +12,10 @@ from typing import Any, Iterable
 import ml_collections
 
 ADVANTAGES = ("ppo_gae", "grpo", "drgrpo", "rloo", "gigpo")
-ENTROPY_CONTROLS = ("none", "bonus", "epo")
+ENTROPY_CONTROLS = ("none", "bonus", "epo", "aepo", "clip_cov", "kl_cov", "top_entropy")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "mse", "low_var_kl")
-ENV_NAMES = ("scienceworld", "alfworld")
+ENV_NAMES = ("scienceworld", "alfworld", "toy_keydoor")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -79,6 +79,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not buckets or list(buckets) != sorted(buckets) or buckets[-1] < config.rollout.max_prompt_len:
         _fail("rollout.prompt_buckets", buckets,
               f"increasing lengths whose last is >= rollout.max_prompt_len ({config.rollout.max_prompt_len})")
+    for field in ("rollout.branching", "rollout.branch_premonitor", "rollout.branch_fill"):
+        if not isinstance(_get(config, field), bool):
+            _fail(field, _get(config, field), "True or False")
+    _number(config, "rollout.branch_initial_fraction", low=0.0, low_open=True, high=1.0)
+    _number(config, "rollout.branch_beta", low=0.0)
+    _number(config, "rollout.branch_monitor_turns", low=2, integer=True)
+    _number(config, "rollout.branch_entropy_tokens", low=1, integer=True)
+    _number(config, "rollout.branch_w", low=0.0)
+    _number(config, "rollout.branch_decay", low=0.0)
+    _number(config, "rollout.branch_threshold", low=0.0, low_open=True, high=1.0)
 
     _choice(config, "env.name", ENV_NAMES)
     _number(config, "env.num_groups", low=1, integer=True)
@@ -88,6 +98,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _number(config, "env.invalid_action_penalty", high=0.0)
     _number(config, "env.history_length", low=0, integer=True)
     _number(config, "env.step_timeout_s", low=0.0, low_open=True)
+    if config.rollout.branching:
+        if config.env.group_size < 2:
+            _fail("env.group_size", config.env.group_size,
+                  ">= 2 with rollout.branching=True: a group's environments are split into rollouts "
+                  "from the start and branches")
+        if config.rollout.branch_premonitor and config.rollout.branch_monitor_turns > config.env.max_turns:
+            _fail("rollout.branch_monitor_turns", config.rollout.branch_monitor_turns,
+                  f"an integer <= env.max_turns ({config.env.max_turns}): the probe rollout cannot play more turns")
 
     _choice(config, "algo.advantage", ADVANTAGES)
     _choice(config, "algo.entropy_control", ENTROPY_CONTROLS)
@@ -101,6 +119,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _number(config, "algo.gae_lambda", low=0.0, high=1.0)
     _number(config, "algo.kl_coef", low=0.0)
     _number(config, "algo.entropy_coef", low=0.0)
+    _number(config, "algo.aepo_entropy_adv_coef", low=0.0)
+    _number(config, "algo.clip_cov_ratio", low=0.0, low_open=True, high=1.0)
+    _number(config, "algo.clip_cov_lb")
+    _number(config, "algo.clip_cov_ub")
+    if config.algo.clip_cov_ub <= config.algo.clip_cov_lb:
+        _fail("algo.clip_cov_ub", config.algo.clip_cov_ub,
+              f"a number > algo.clip_cov_lb ({config.algo.clip_cov_lb}): Clip-Cov's candidates have lb < Cov < ub")
+    _number(config, "algo.kl_cov_ratio", low=0.0, low_open=True, high=1.0)
+    _number(config, "algo.kl_cov_coef", low=0.0)
+    _number(config, "algo.top_entropy_fraction", low=0.0, low_open=True, high=1.0)
     _number(config, "algo.gigpo_omega", low=0.0)
     _number(config, "algo.gigpo_gamma", low=0.0, high=1.0)
     _number(config, "algo.ppo_epochs", low=1, integer=True)

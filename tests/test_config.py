@@ -53,6 +53,13 @@ def test_paper_defaults():
     ("train.total_steps", 0, ["train.total_steps", ">= 1"]),
     ("optim.lr", float("nan"), ["optim.lr", "finite"]),
     ("model.path", "/no/such/checkpoint", ["model.path", "/no/such/checkpoint", "config.json"]),
+    ("algo.entropy_control", "clipcov", ["algo.entropy_control", "'clip_cov'", "'top_entropy'"]),
+    ("algo.aepo_entropy_adv_coef", -0.2, ["algo.aepo_entropy_adv_coef", ">= 0.0"]),
+    ("algo.clip_cov_ratio", 0.0, ["algo.clip_cov_ratio", "> 0.0", "<= 1.0"]),
+    ("algo.kl_cov_ratio", 1.5, ["algo.kl_cov_ratio", "<= 1.0"]),
+    ("algo.kl_cov_coef", -1.0, ["algo.kl_cov_coef", ">= 0.0"]),
+    ("algo.top_entropy_fraction", 0.0, ["algo.top_entropy_fraction", "> 0.0"]),
+    ("algo.clip_cov_lb", float("inf"), ["algo.clip_cov_lb", "finite"]),
 ])
 def test_bad_values_name_field_and_range(field, value, words):
     c = load("scienceworld")
@@ -64,7 +71,26 @@ def test_bad_values_name_field_and_range(field, value, words):
         assert word in str(err.value)
 
 
+@pytest.mark.parametrize("control", ["none", "bonus", "epo", "aepo", "clip_cov", "kl_cov", "top_entropy"])
+def test_every_entropy_control_validates(control):
+    c = load("scienceworld")
+    c.algo.entropy_control = control
+    validate(c)
+
+
+def test_entropy_control_defaults():
+    """Defaults of the entropy controls (docs/algorithms.md sections 2-3)."""
+    a = load("base").algo
+    assert (a.aepo_entropy_adv_coef, a.top_entropy_fraction) == (0.2, 0.2)
+    assert (a.clip_cov_ratio, a.clip_cov_lb, a.clip_cov_ub) == (2e-4, 1.0, 5.0)
+    assert (a.kl_cov_ratio, a.kl_cov_coef) == (2e-3, 1.0)
+
+
 def test_cross_field_rules():
+    c = load("scienceworld")
+    c.algo.clip_cov_lb, c.algo.clip_cov_ub = 5.0, 1.0
+    with pytest.raises(ConfigError, match=r"algo.clip_cov_ub.*> algo.clip_cov_lb \(5.0\)"):
+        validate(c)
     c = load("scienceworld")
     c.epo.kappa_l, c.epo.kappa_r = 1.5, 0.5
     with pytest.raises(ConfigError, match=r"epo.kappa_r.*>= epo.kappa_l \(1.5\)"):

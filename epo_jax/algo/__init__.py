@@ -2,7 +2,8 @@
 
 entropy:      token_entropy, logprobs_and_entropy (chunked over a large vocabulary)
 aggregation:  aggregate_loss (verl's modes + EPO's trajectory mean), masked helpers
-ppo:          dual-clip PPO surrogate, clipped value loss, KL estimators
+ppo:          dual-clip PPO surrogate (+ AEPO's balanced upper clip), clipped value loss, KL estimators
+entropy_control: AEPO's entropy-aware advantage, Clip-Cov, KL-Cov, high-entropy token selection
 advantages:   GAE, GRPO / Dr.GRPO, RLOO, GiGPO, whitening
 epo:          phase weight, smoothing penalty, entropy history (paper and official-code variants)
 loss:         make_loss_fn(config, forward_fn) -> loss_fn(params, batch, state)
@@ -20,6 +21,21 @@ from epo_jax.algo.advantages import (
 )
 from epo_jax.algo.aggregation import LOSS_AGG_MODES, aggregate_loss, dense_segment_ids, masked_mean, masked_sum
 from epo_jax.algo.entropy import logprobs_and_entropy, token_entropy
+from epo_jax.algo.entropy_control import (
+    ClipCovTerms,
+    EntropyAwareAdvantages,
+    KLCovTerms,
+    TopEntropySelection,
+    clip_cov_token_losses,
+    descending_rank,
+    entropy_aware_advantages,
+    fraction_count,
+    kl_cov_token_losses,
+    standardized_entropy,
+    token_covariance,
+    token_priorities,
+    top_entropy_selection,
+)
 from epo_jax.algo.epo import (
     EntropyHistoryState,
     EntropySums,
@@ -37,6 +53,7 @@ from epo_jax.algo.epo import (
 from epo_jax.algo.loss import (
     BETA_SCHEDULES,
     ENTROPY_AGGREGATIONS,
+    ENTROPY_CONTROL_METRICS,
     ENTROPY_CONTROLS,
     EPO_MODES,
     LossSettings,
@@ -50,29 +67,42 @@ from epo_jax.algo.ppo import (
     KL_ESTIMATORS,
     PolicyLoss,
     PolicyLossTerms,
+    balanced_upper_bound,
+    clamped_log_ratio,
     kl_penalty,
     ppo_policy_loss,
     ppo_token_losses,
+    summarize_policy_terms,
     value_loss,
 )
 
 __all__ = [
     "BETA_SCHEDULES",
+    "ClipCovTerms",
     "ENTROPY_AGGREGATIONS",
     "ENTROPY_CONTROLS",
+    "ENTROPY_CONTROL_METRICS",
     "EPO_MODES",
+    "EntropyAwareAdvantages",
     "EntropyHistoryState",
     "EntropySums",
+    "KLCovTerms",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "LossSettings",
     "LossState",
     "PolicyLoss",
     "PolicyLossTerms",
+    "TopEntropySelection",
     "aggregate_loss",
+    "balanced_upper_bound",
+    "clamped_log_ratio",
+    "clip_cov_token_losses",
     "code_phase_weight",
     "code_smoothing_penalty",
     "dense_segment_ids",
+    "descending_rank",
+    "entropy_aware_advantages",
     "entropy_history_init",
     "entropy_history_reference",
     "entropy_history_turn_reference",
@@ -81,9 +111,11 @@ __all__ = [
     "entropy_sums",
     "entropy_sums_from_metrics",
     "expand_to_tokens",
+    "fraction_count",
     "gae_advantages",
     "gigpo_advantages",
     "grpo_advantages",
+    "kl_cov_token_losses",
     "kl_penalty",
     "logprobs_and_entropy",
     "loss_state_init",
@@ -97,8 +129,13 @@ __all__ = [
     "ppo_token_losses",
     "rloo_advantages",
     "smoothing_penalty",
+    "standardized_entropy",
     "step_discounted_returns",
+    "summarize_policy_terms",
+    "token_covariance",
     "token_entropy",
+    "token_priorities",
+    "top_entropy_selection",
     "value_loss",
     "whiten_advantages",
 ]

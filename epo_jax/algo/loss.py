@@ -5,6 +5,12 @@ with the entropy term chosen by `algo.entropy_control`:
   none:  0                                              (plain PPO / GRPO)
   bonus: -entropy_coef * token-mean H
   epo:   -lambda * (L_H - beta_k * L_smooth)            (EPO Eq. 6, docs/algorithms.md section 1 (e))
+or, with no entropy term, a per-token reshaping of L_MT (epo_jax/algo/entropy_control.py):
+  aepo:        entropy-balanced clip + A <- A (1 + a z(H))        (AEPO, docs/algorithms.md section 2 (c), (d))
+  clip_cov:    no policy gradient for k random tokens with lb < Cov < ub   (Clip-Cov, section 3)
+  kl_cov:      unclipped -A r, + coef |log pi - log pi_old| on the top-k tokens by Cov   (KL-Cov, section 3)
+  top_entropy: policy gradient only through the top fraction of tokens by H  (arXiv 2506.01939, section 3)
+DAPO's clip-higher is `algo.clip_low=0.2, algo.clip_high=0.28` with any of them.
 `epo.mode` picks the paper's smoothing (hinge against the cumulative history, Eq. 3-5) or the
 official code's (indicator {0, alpha}, per-turn history including the current step, turn gate,
 150-epoch weight curve); `epo.smoothing=False` is EPO-Base; `epo.beta_schedule="constant"` uses
@@ -28,6 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from epo_jax.algo.aggregation import LOSS_AGG_MODES, aggregate_loss, masked_mean
+from epo_jax.algo.entropy_control import (
+    clip_cov_token_losses,
+    entropy_aware_advantages,
+    kl_cov_token_losses,
+    token_priorities,
+    top_entropy_selection,
+)
 from epo_jax.algo.epo import (
     EntropyHistoryState,
     EntropySums,
@@ -41,9 +54,27 @@ from epo_jax.algo.epo import (
     phase_weight,
     smoothing_penalty,
 )
-from epo_jax.algo.ppo import KL_ESTIMATORS, kl_penalty, ppo_policy_loss, value_loss
+from epo_jax.algo.ppo import (
+    KL_ESTIMATORS,
+    PolicyLoss,
+    kl_penalty,
+    ppo_token_losses,
+    summarize_policy_terms,
+    value_loss,
+)
 
-ENTROPY_CONTROLS = ("none", "bonus", "epo")
+ENTROPY_CONTROLS = ("none", "bonus", "epo", "aepo", "clip_cov", "kl_cov", "top_entropy")
+# Metrics of the per-token entropy controls; each reports 0 under the other controls.
+ENTROPY_CONTROL_METRICS = (
+    "aepo_upper_clipfrac",
+    "aepo_adv_scale_min",
+    "aepo_adv_scale_max",
+    "cov_candidate_fraction",
+    "cov_selected_fraction",
+    "kl_cov_penalty",
+    "top_entropy_kept_fraction",
+    "top_entropy_threshold",
+)
 EPO_MODES = ("paper", "code")
 BETA_SCHEDULES = ("phase", "constant")
 # epo.entropy_agg -> aggregate_loss mode: "trajectory" is Eq. 2, "token" the official code's token mean.
@@ -63,6 +94,20 @@ class LossState(NamedTuple):
 def _choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"config.{field}={value!r} is not supported; choose one of {choices}.")
+    return value
+
+
+def _fraction(value: Any, field: str) -> float:
+    value = float(value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"config.{field}={value} must be a fraction of the tokens in (0, 1]; set --config.{field}.")
+    return value
+
+
+def _non_negative(value: Any, field: str) -> float:
+    value = float(value)
+    if not value >= 0.0:
+        raise ValueError(f"config.{field}={value} must be >= 0; set --config.{field}.")
     return value
 
 
@@ -94,10 +139,18 @@ class LossSettings:
     code_total_epochs: int
     max_turns: int
     total_steps: int
+    seed: int
+    aepo_entropy_adv_coef: float
+    clip_cov_ratio: float
+    clip_cov_lb: float
+    clip_cov_ub: float
+    kl_cov_ratio: float
+    kl_cov_coef: float
+    top_entropy_fraction: float
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "LossSettings":
-        """Reads `config.algo`, `config.epo` and `config.train.total_steps` (configs/base.py)."""
+        """Reads `config.algo`, `config.epo`, `config.train.total_steps` and `config.seed` (configs/base.py)."""
         algo, epo = config.algo, config.epo
         dual_clip = algo.get("dual_clip", 3.0)
         settings = cls(
@@ -125,7 +178,20 @@ class LossSettings:
             code_total_epochs=int(epo.get("code_total_epochs", 150)),
             max_turns=int(epo.get("max_turns", 64)),
             total_steps=int(config.train.total_steps),
+            seed=int(config.get("seed", 0)),
+            aepo_entropy_adv_coef=_non_negative(algo.get("aepo_entropy_adv_coef", 0.2), "algo.aepo_entropy_adv_coef"),
+            clip_cov_ratio=_fraction(algo.get("clip_cov_ratio", 2e-4), "algo.clip_cov_ratio"),
+            clip_cov_lb=float(algo.get("clip_cov_lb", 1.0)),
+            clip_cov_ub=float(algo.get("clip_cov_ub", 5.0)),
+            kl_cov_ratio=_fraction(algo.get("kl_cov_ratio", 2e-3), "algo.kl_cov_ratio"),
+            kl_cov_coef=_non_negative(algo.get("kl_cov_coef", 1.0), "algo.kl_cov_coef"),
+            top_entropy_fraction=_fraction(algo.get("top_entropy_fraction", 0.2), "algo.top_entropy_fraction"),
         )
+        if not settings.clip_cov_lb < settings.clip_cov_ub:
+            raise ValueError(
+                f"config.algo.clip_cov_lb={settings.clip_cov_lb} must be below config.algo.clip_cov_ub="
+                f"{settings.clip_cov_ub}; Clip-Cov's candidates have lb < Cov < ub (defaults 1 and 5)."
+            )
         if settings.kappa_l > settings.kappa_r:
             raise ValueError(
                 f"config.epo.kappa_l={settings.kappa_l} exceeds config.epo.kappa_r={settings.kappa_r}; "
@@ -227,6 +293,69 @@ def _epo_entropy_term(
     }
 
 
+def _masked_extreme(values_BxT: jax.Array, mask_BxT: jax.Array, reduce: Callable, fill: float) -> jax.Array:
+    """min / max of the valid entries; 0 when no entry is valid."""
+    valid_BxT = mask_BxT > 0
+    return jnp.where(jnp.any(valid_BxT), reduce(jnp.where(valid_BxT, values_BxT, fill)), 0.0)
+
+
+def _policy_loss(
+    settings: LossSettings,
+    logprobs_BxT: jax.Array,
+    old_logprobs_BxT: jax.Array,
+    advantages_BxT: jax.Array,
+    entropy_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    traj_id_B: jax.Array,
+    turn_index_B: jax.Array,
+    state: LossState,
+) -> tuple[PolicyLoss, Metrics]:
+    """L_MT (dual-clip PPO) with the per-token reshaping of aepo, clip_cov, kl_cov or top_entropy,
+    and the metrics of ENTROPY_CONTROL_METRICS (0 for the controls not in use)."""
+    control = settings.entropy_control
+    metrics: Metrics = {name: jnp.zeros((), jnp.float32) for name in ENTROPY_CONTROL_METRICS}
+    if control == "aepo":
+        shaped = entropy_aware_advantages(advantages_BxT, entropy_BxT, mask_BxT, settings.aepo_entropy_adv_coef)
+        advantages_BxT = shaped.advantages_BxT
+        metrics["aepo_adv_scale_min"] = _masked_extreme(shaped.scale_BxT, mask_BxT, jnp.min, jnp.inf)
+        metrics["aepo_adv_scale_max"] = _masked_extreme(shaped.scale_BxT, mask_BxT, jnp.max, -jnp.inf)
+    terms = ppo_token_losses(
+        logprobs_BxT, old_logprobs_BxT, advantages_BxT,
+        clip_low=settings.clip_low, clip_high=settings.clip_high, dual_clip=settings.dual_clip,
+        balanced_upper_clip=control == "aepo",
+    )
+    if control == "aepo":
+        # With A > 0 the ratio clip is active exactly above 1 + clip_high: the tokens that keep
+        # their gradient through the balanced bound.
+        upper_BxT = ((terms.clipped_BxT > 0) & (advantages_BxT > 0)).astype(jnp.float32)
+        metrics["aepo_upper_clipfrac"] = masked_mean(upper_BxT, mask_BxT)
+    elif control == "clip_cov":
+        priority_BxT = token_priorities(settings.seed, state.step, traj_id_B, turn_index_B, mask_BxT.shape[1])
+        clip_cov = clip_cov_token_losses(
+            terms, advantages_BxT, logprobs_BxT, mask_BxT, priority_BxT,
+            ratio=settings.clip_cov_ratio, lower=settings.clip_cov_lb, upper=settings.clip_cov_ub,
+        )
+        terms = terms._replace(loss_BxT=clip_cov.loss_BxT)
+        metrics["cov_candidate_fraction"] = masked_mean(clip_cov.candidates_BxT, mask_BxT)
+        metrics["cov_selected_fraction"] = masked_mean(clip_cov.selected_BxT, mask_BxT)
+    elif control == "kl_cov":
+        kl_cov = kl_cov_token_losses(
+            logprobs_BxT, old_logprobs_BxT, advantages_BxT, mask_BxT,
+            ratio=settings.kl_cov_ratio, coef=settings.kl_cov_coef,
+        )
+        # KL-Cov has no ratio clip: no token is clipped.
+        no_clip_BxT = jnp.zeros_like(terms.clipped_BxT)
+        terms = terms._replace(loss_BxT=kl_cov.loss_BxT, clipped_BxT=no_clip_BxT, lower_clipped_BxT=no_clip_BxT)
+        metrics["cov_selected_fraction"] = masked_mean(kl_cov.selected_BxT, mask_BxT)
+        metrics["kl_cov_penalty"] = aggregate_loss(kl_cov.penalty_BxT, mask_BxT, settings.loss_agg, traj_id_B)
+    elif control == "top_entropy":
+        selection = top_entropy_selection(entropy_BxT, mask_BxT, settings.top_entropy_fraction)
+        terms = terms._replace(loss_BxT=jnp.where(selection.keep_BxT > 0, terms.loss_BxT, 0.0))
+        metrics["top_entropy_kept_fraction"] = masked_mean(selection.keep_BxT, mask_BxT)
+        metrics["top_entropy_threshold"] = selection.threshold
+    return summarize_policy_terms(terms, mask_BxT, settings.loss_agg, traj_id_B), metrics
+
+
 def make_loss_fn(
     config: ml_collections.ConfigDict, forward_fn: ForwardFn
 ) -> Callable[[Any, Mapping[str, jax.Array], LossState], tuple[jax.Array, Metrics]]:
@@ -241,16 +370,22 @@ def make_loss_fn(
     "traj_id" [B] int32, "ref_logprobs" [B, T] when algo.use_kl_loss, "returns" and "old_values"
     [B, T] when forward_fn returns values, plus whatever forward_fn reads.
 
-    The loss is L_MT (dual-clip PPO, aggregated with algo.loss_agg) + the entropy term of
-    algo.entropy_control + kl_coef * KL (algo.kl_estimator, algo.loss_agg) + value_coef * L_V.
+    The loss is L_MT (dual-clip PPO, aggregated with algo.loss_agg; reshaped per token under
+    aepo / clip_cov / kl_cov / top_entropy) + the entropy term of algo.entropy_control (bonus, epo)
+    + kl_coef * KL (algo.kl_estimator, algo.loss_agg) + value_coef * L_V.
 
     Metrics (float32 scalars unless noted): loss, pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl,
     entropy (token-mean H), entropy_loss (the aggregated entropy of the entropy term),
     smooth_penalty (L_smooth), smooth_fraction (tokens penalised), beta, entropy_reference
     (Hbar_W; code mode: token mean of the per-turn references), kl_loss, value_loss, vf_clipfrac,
     and for the history update after the step (`loss_state_update`): entropy_sum, token_count,
-    turn_entropy_sum [epo.max_turns], turn_token_count [epo.max_turns]. Terms a configuration
-    does not use report 0.
+    turn_entropy_sum [epo.max_turns], turn_token_count [epo.max_turns]. The entropy controls add
+    aepo_upper_clipfrac (tokens above 1 + clip_high with A > 0, which keep their gradient),
+    aepo_adv_scale_min / _max (range of 1 + a z(H)), cov_candidate_fraction (Clip-Cov: tokens with
+    lb < Cov < ub not already clipped), cov_selected_fraction (Clip-Cov: gradients removed; KL-Cov:
+    tokens penalised), kl_cov_penalty (the aggregated coef |log pi - log pi_old| term),
+    top_entropy_kept_fraction and top_entropy_threshold (smallest entropy kept). Under kl_cov,
+    pg_clipfrac and pg_clipfrac_lower are 0 (no clip). Terms a configuration does not use report 0.
     """
     settings = LossSettings.from_config(config)
 
@@ -266,10 +401,9 @@ def make_loss_fn(
         chex.assert_equal_shape([logprobs_BxT, entropy_BxT, mask_BxT, old_logprobs_BxT, advantages_BxT])
         chex.assert_shape([traj_id_B, turn_index_B], (mask_BxT.shape[0],))
 
-        policy = ppo_policy_loss(
-            logprobs_BxT, old_logprobs_BxT, advantages_BxT, mask_BxT,
-            clip_low=settings.clip_low, clip_high=settings.clip_high, dual_clip=settings.dual_clip,
-            loss_agg=settings.loss_agg, traj_id_B=traj_id_B,
+        policy, control_metrics = _policy_loss(
+            settings, logprobs_BxT, old_logprobs_BxT, advantages_BxT, entropy_BxT, mask_BxT,
+            traj_id_B, turn_index_B, state,
         )
         sums = entropy_sums(entropy_BxT, mask_BxT, turn_index_B, settings.max_turns)
         zero = jnp.zeros((), jnp.float32)
@@ -291,6 +425,7 @@ def make_loss_fn(
             "token_count": sums.token_count,
             "turn_entropy_sum": sums.turn_entropy_sum_M,
             "turn_token_count": sums.turn_token_count_M,
+            **control_metrics,
         }
         loss = policy.loss
 

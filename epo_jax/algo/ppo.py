@@ -38,6 +38,21 @@ class PolicyLoss(NamedTuple):
     ppo_kl: jax.Array
 
 
+def clamped_log_ratio(logprobs_BxT: jax.Array, old_logprobs_BxT: jax.Array) -> jax.Array:
+    """log r = clamp(logp - logp_old, -20, 20), the log importance ratio every surrogate exponentiates."""
+    return jnp.clip(logprobs_BxT - old_logprobs_BxT, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+
+
+def balanced_upper_bound(ratio: jax.Array, clip_high: float) -> jax.Array:
+    """AEPO's upper clip bound (1 + eps_h) / sg(r) * r (arXiv 2510.14545; docs/algorithms.md section 2 (c)).
+
+    Written as (1 + eps_h) * (1 + (r - sg(r)) / sg(r)): the value is exactly 1 + eps_h (r - sg(r)
+    is 0 in the forward pass), the derivative w.r.t. log r is (1 + eps_h) * r / sg(r) = 1 + eps_h.
+    """
+    detached = jax.lax.stop_gradient(ratio)
+    return (1.0 + clip_high) * (1.0 + (ratio - detached) / detached)
+
+
 def ppo_token_losses(
     logprobs_BxT: jax.Array,
     old_logprobs_BxT: jax.Array,
@@ -46,23 +61,35 @@ def ppo_token_losses(
     clip_low: float,
     clip_high: float,
     dual_clip: float | None,
+    balanced_upper_clip: bool = False,
 ) -> PolicyLossTerms:
     """Per-token clipped surrogate with separate low/high clip and dual clip (docs/algorithms.md section 3).
 
       r = exp(clamp(logp - logp_old, -20, 20))
       l1 = -A r;  l2 = -A clip(r, 1 - clip_low, 1 + clip_high);  l = max(l1, l2)
       for A < 0:  l = min(l, -A c)  with c = dual_clip  (Ye et al. 2020, as in verl)
-    `dual_clip=None` disables the dual clip.
+    `dual_clip=None` disables the dual clip. DAPO's clip-higher is clip_low = 0.2, clip_high = 0.28.
+
+    `balanced_upper_clip=True` is AEPO's entropy-balanced clipping (Dong et al., arXiv 2510.14545;
+    docs/algorithms.md section 2 (c)): above the upper bound the clipped ratio is
+    (1 + clip_high) / sg(r) * r instead of the constant 1 + clip_high, so every value (loss, clip
+    metrics, dual clip) equals PPO's while a token with A > 0 and r > 1 + clip_high keeps the
+    gradient d l / d logp = -(1 + clip_high) A instead of 0. The lower bound is unchanged.
     """
     chex.assert_equal_shape([logprobs_BxT, old_logprobs_BxT, advantages_BxT])
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low} and {clip_high}.")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1.0 (verl's clip_ratio_c, 3.0 by default) or None, got {dual_clip}.")
-    log_ratio_BxT = jnp.clip(logprobs_BxT - old_logprobs_BxT, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    log_ratio_BxT = clamped_log_ratio(logprobs_BxT, old_logprobs_BxT)
     ratio_BxT = jnp.exp(log_ratio_BxT)
     unclipped_BxT = -advantages_BxT * ratio_BxT
-    clipped_BxT = -advantages_BxT * jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high)
+    clipped_ratio_BxT = jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high)
+    if balanced_upper_clip:
+        clipped_ratio_BxT = jnp.where(
+            ratio_BxT > 1.0 + clip_high, balanced_upper_bound(ratio_BxT, clip_high), clipped_ratio_BxT
+        )
+    clipped_BxT = -advantages_BxT * clipped_ratio_BxT
     loss_BxT = jnp.maximum(unclipped_BxT, clipped_BxT)
     clip_active_BxT = (clipped_BxT > unclipped_BxT).astype(jnp.float32)
     if dual_clip is None:
@@ -86,6 +113,7 @@ def ppo_policy_loss(
     dual_clip: float | None = 3.0,
     loss_agg: str = "token-mean",
     traj_id_B: jax.Array | None = None,
+    balanced_upper_clip: bool = False,
 ) -> PolicyLoss:
     """L_MT of EPO Eq. 1 / verl's compute_policy_loss: the aggregated dual-clip PPO surrogate.
 
@@ -93,8 +121,17 @@ def ppo_policy_loss(
     clipfrac = mean(l2 > l1), clipfrac_lower = mean(dual clip active), ppo_kl = mean(logp_old - logp).
     """
     terms = ppo_token_losses(
-        logprobs_BxT, old_logprobs_BxT, advantages_BxT, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
+        logprobs_BxT, old_logprobs_BxT, advantages_BxT, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        balanced_upper_clip=balanced_upper_clip,
     )
+    return summarize_policy_terms(terms, mask_BxT, loss_agg, traj_id_B)
+
+
+def summarize_policy_terms(
+    terms: PolicyLossTerms, mask_BxT: jax.Array, loss_agg: str = "token-mean", traj_id_B: jax.Array | None = None
+) -> PolicyLoss:
+    """Aggregates per-token policy terms (possibly reshaped by an entropy control) as `ppo_policy_loss` does."""
+    chex.assert_equal_shape([terms.loss_BxT, mask_BxT])
     return PolicyLoss(
         loss=aggregate_loss(terms.loss_BxT, mask_BxT, loss_agg, traj_id_B),
         clipfrac=masked_mean(terms.clipped_BxT, mask_BxT),
