@@ -161,6 +161,9 @@ class AlfWorldEnv(TextEnv):
         request = textworld.EnvInfos(won=True, admissible_commands=True,
                                      policy_commands=self._expert_plan)
         self._engine = AlfredInfos(AlfredDemangler(PddlEnv(request)))
+        # The PDDL engine has no randomness and names objects by sorted ids, so a game replays
+        # identically in any process (whatever its string-hash seed).
+        self.deterministic = True
         self._loaded_game: str | None = None
         self._task = ""
         self._variation = -1

@@ -19,6 +19,11 @@ slots run at once and the calls of one slot run in order. Two backends:
 Groups: env i belongs to group i // group_size, and `reset` takes one episode per group,
 so all members of a group play the same task and variation (GRPO, GiGPO).
 
+Single environments: `stop` ends chosen environments' episodes without a step, and `replay`
+starts chosen environments on episodes of their own, optionally replaying an action prefix on
+a deterministic engine (TextEnv.replay) so that one environment continues another's episode
+from where it stands (branching rollouts).
+
 Faults: a call that raises (EnvCrashed when an engine process died) or does not answer
 within `step_timeout_s` ends that environment's episode with a StepResult flagged
 `crashed=True, truncated=True` (never counted as a policy failure); the engine is killed
@@ -45,7 +50,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from epo_jax.envs.base import EnvCrashed, EpisodeSpec, TextEnv
+from epo_jax.envs.base import EnvCrashed, EpisodeSpec, ReplayCheck, ReplayError, TextEnv
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +79,16 @@ class ResetResult(NamedTuple):
 
     observation: str
     info: dict[str, Any]
+
+
+class Replay(NamedTuple):
+    """Start an environment on `episode` and play `actions` (see TextEnv.replay): no actions is
+    a plain reset; `expected` holds the (observation, score) the original showed after its reset
+    and after each action, which the replay must reproduce."""
+
+    episode: EpisodeSpec
+    actions: Sequence[str] = ()
+    expected: Sequence[ReplayCheck] | None = None
 
 
 class _SlotThread:
@@ -117,7 +132,7 @@ def _subprocess_main(conn, factory: Callable[[], TextEnv]) -> None:
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
-    conn.send(("ok", None))
+    conn.send(("ok", bool(env.deterministic)))
     try:
         while True:
             try:
@@ -130,6 +145,8 @@ def _subprocess_main(conn, factory: Callable[[], TextEnv]) -> None:
                 result = getattr(env, method)(*args)
             except EnvCrashed as error:
                 conn.send(("crashed", str(error)))
+            except ReplayError as error:
+                conn.send(("replay_error", str(error)))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
             else:
@@ -155,7 +172,7 @@ class SubprocessEnv(TextEnv):
         self._process.start()
         child_conn.close()
         self._finalizer = weakref.finalize(self, _stop_subprocess, self._process, self._conn)
-        self._receive()
+        self.deterministic = bool(self._receive())  # the child's engine's declaration
 
     @property
     def pid(self) -> int:
@@ -171,6 +188,8 @@ class SubprocessEnv(TextEnv):
                              f"{self._process.exitcode})") from error
         if status == "crashed":
             raise EnvCrashed(payload)
+        if status == "replay_error":
+            raise ReplayError(payload)
         if status == "error":
             raise RuntimeError(f"environment process pid {self._process.pid} raised:\n{payload}")
         return payload
@@ -192,6 +211,12 @@ class SubprocessEnv(TextEnv):
 
     def seed(self, seed: int) -> None:
         self._request("seed", seed)
+
+    def replay(self, task: str, variation: int, actions: Sequence[str],
+               expected: Sequence[ReplayCheck] | None = None) -> tuple[str, dict[str, Any]]:
+        # In the child: one round trip instead of one per action.
+        return self._request("replay", task, variation, list(actions),
+                             None if expected is None else list(expected))
 
     def kill(self) -> None:
         """Kills the child at once (any thread); a call blocked on it raises EnvCrashed."""
@@ -348,8 +373,12 @@ class EnvPool:
 
     @staticmethod
     def _gather(futures: Mapping[int, concurrent.futures.Future], timeout_s: float,
-                what: str) -> dict[int, tuple[bool, Any]]:
-        """Waits for the futures; {index: (True, result) | (False, failure text)}."""
+                what: str, reraise: tuple[type[BaseException], ...] = (),
+                ) -> dict[int, tuple[bool, Any]]:
+        """Waits for the futures; {index: (True, result) | (False, failure text)}.
+
+        An error of a type in `reraise` is raised instead of being reported as a failure.
+        """
         _, late = concurrent.futures.wait(list(futures.values()), timeout=timeout_s)
         outcomes = {}
         for index, future in futures.items():
@@ -359,6 +388,8 @@ class EnvPool:
             error = future.exception()
             if error is None:
                 outcomes[index] = (True, future.result())
+            elif isinstance(error, reraise):
+                raise error
             else:
                 if not isinstance(error, EnvCrashed):
                     logger.warning("environment %d: %s raised", index, what,
@@ -488,6 +519,83 @@ class EnvPool:
                 self._active[index] = False
                 self._restart(self._slots[index], value)
         return {index: results[index] for index in futures}
+
+    def stop(self, indices: Sequence[int]) -> None:
+        """Ends the named environments' episodes without a step: they leave the active set
+        (until `reset` or `replay` starts them again)."""
+        for index in indices:
+            if not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_envs:
+                raise ValueError(f"stop() got index {index!r}; environment indices are "
+                                 f"0..{self.num_envs - 1}.")
+            self._active[int(index)] = False
+
+    def replay(self, requests: Mapping[int, Replay]) -> dict[int, ResetResult]:
+        """Starts each named environment on its own episode, replaying its action prefix.
+
+        {env index: Replay} -> {env index: ResetResult} holding the observation and info after
+        the last replayed action. The environments then count as active with len(actions)
+        turns taken (the turn limit applies to the whole episode). A replay whose engine
+        crashes or hangs is retried on a fresh engine, like a failing reset, up to
+        max_reset_attempts times, then EnvCrashed is raised; ReplayError (an engine that is
+        not deterministic, or a replay that diverged) is raised as it is.
+        """
+        if not isinstance(requests, Mapping):
+            raise TypeError(f"requests must map environment index -> Replay, got "
+                            f"{type(requests).__name__}.")
+        for index, request in requests.items():
+            if not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_envs:
+                raise ValueError(f"replay() got index {index!r}; environment indices are "
+                                 f"0..{self.num_envs - 1}.")
+            if not isinstance(request, Replay):
+                raise TypeError(f"requests[{index}] must be a Replay, got {request!r:.200}")
+            if self._active[index]:
+                raise ValueError(f"environment {index} is still playing an episode; stop() it "
+                                 "before replaying another into it.")
+            if len(request.actions) >= self.max_turns:
+                raise ValueError(f"requests[{index}] replays {len(request.actions)} actions, "
+                                 f"which reaches the turn limit max_turns={self.max_turns}.")
+        requests = {int(index): request for index, request in requests.items()}
+        results: dict[int, ResetResult] = {}
+        pending = [self._slots[index] for index in requests]
+        failures: dict[int, str] = {}
+        for _ in range(self.max_reset_attempts):
+            failures = self._wait_created(pending)
+            futures = {}
+            for slot in pending:
+                if slot.index in failures:
+                    continue
+                request = requests[slot.index]
+                spec = EpisodeSpec(str(request.episode[0]), int(request.episode[1]))
+                if request.actions or request.expected is not None:
+                    call = functools.partial(slot.env.replay, spec.task, spec.variation,
+                                             list(request.actions), request.expected)
+                else:  # a plain start works on any engine, deterministic or not
+                    call = functools.partial(slot.env.reset, spec.task, spec.variation)
+                futures[slot.index] = slot.worker.submit(call)
+            # The timeout grows with the prefix: each replayed action is one step.
+            longest = max((len(requests[i].actions) for i in futures), default=0)
+            outcomes = self._gather(futures, self.step_timeout_s * (1 + longest), "replay",
+                                    reraise=(ReplayError,))
+            for index, (ok, value) in outcomes.items():
+                if ok:
+                    results[index] = ResetResult(*value)
+                else:
+                    failures[index] = value
+            for index, reason in failures.items():
+                self._restart(self._slots[index], reason)
+            pending = [self._slots[index] for index in sorted(failures)]
+            if not pending:
+                break
+        if pending:
+            raise EnvCrashed(f"replay failed {self.max_reset_attempts} times for environments "
+                             + "; ".join(f"{i}: {reason}" for i, reason in failures.items()))
+        for index, result in results.items():
+            request = requests[index]
+            self._episodes[index] = EpisodeSpec(str(request.episode[0]), int(request.episode[1]))
+            self._last_info[index] = result.info
+            self._active[index] = True
+            self._turns[index] = len(request.actions)
+        return {index: results[index] for index in requests}
 
     def close(self) -> None:
         """Closes every environment (killing those that hang); safe to call twice."""

@@ -25,6 +25,18 @@ Rewards: "sparse" gives `success_reward * won` on the last step and 0 elsewhere 
 official wrappers, success_reward = 10); "dense" gives the engine's score delta
 (0..100 points). An episode is done when the engine reports the task completed or
 the score turns negative (a failed task); won = done and score > 0.
+
+Determinism (`deterministic=True`, the default): the engine seeds its one global random
+generator with the variation on every load, but it walks hash sets keyed by Java identity
+hashes, which depend on everything the JVM did before. That order decides how a container's
+contents are listed, which object a number picks in a disambiguation question, and the order
+in which objects are updated each tick (a burning chair heats a room differently), so two
+JVMs with different histories drift apart under the same actions. The JVM flag -XX:hashCode=2
+gives every object the same identity hash, leaving iteration orders to insertion order alone;
+with it an episode is a function of (task, variation, the sequence of engine calls), at about
+15-20% more time per step. The calls include the info lists (`admissible`,
+`available_actions`), which draw from the generator too, so environments meant to reproduce
+each other's episodes must share their options (a pool's environments do).
 """
 from __future__ import annotations
 
@@ -104,6 +116,8 @@ _REWARDS = ("sparse", "dense")
 _JVM_HEAP_PATTERN = re.compile(r"\d+[kKmMgG]?")
 _RESET_ACTION = "look around"
 DEFAULT_JVM_OPTIONS = ("-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
+# Constant identity hashes: iteration orders, and with them the episode, become reproducible.
+DETERMINISTIC_JVM_OPTIONS = ("-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2")
 
 
 def _pinned_table() -> dict[str, TaskVariations]:
@@ -252,6 +266,8 @@ class ScienceWorldEnv(TextEnv):
       max_action_chars: longer action texts are cut to this many characters before
         they reach the engine (no command is anywhere near as long).
       seed: seeds the episode sampling of `reset()` without arguments.
+      deterministic: start the JVM with DETERMINISTIC_JVM_OPTIONS so that replaying an
+        episode's actions reproduces it exactly (see the module docstring).
     """
 
     def __init__(self, task: str | None = None, variation: int | None = None, *,
@@ -260,7 +276,7 @@ class ScienceWorldEnv(TextEnv):
                  success_reward: float = 10.0, admissible: bool = False,
                  available_actions: bool = False, jvm_heap: str = "512m",
                  jvm_options: Sequence[str] = DEFAULT_JVM_OPTIONS,
-                 max_action_chars: int = 1024, seed: int = 0):
+                 max_action_chars: int = 1024, seed: int = 0, deterministic: bool = True):
         if task is not None:
             _check_task(task)
         if variation is not None and task is None:
@@ -289,7 +305,9 @@ class ScienceWorldEnv(TextEnv):
 
         port, self._process = launch_gateway(
             classpath=JAR_PATH, die_on_exit=True, cwd=BASEPATH, return_proc=True,
-            javaopts=[f"-Xmx{jvm_heap}", *jvm_options])
+            javaopts=[f"-Xmx{jvm_heap}", *jvm_options,
+                      *(DETERMINISTIC_JVM_OPTIONS if deterministic else ())])
+        self.deterministic = bool(deterministic)
         self._gateway = JavaGateway(
             gateway_parameters=GatewayParameters(auto_field=True, port=port),
             java_process=self._process)
@@ -348,10 +366,11 @@ class ScienceWorldEnv(TextEnv):
               variation: int | None = None) -> tuple[str, dict[str, Any]]:
         """Loads (task, variation) afresh and returns the first "look around".
 
-        Every load builds the same world, but the engine may list the contents of a
-        container in a different order from one load to the next (it walks hash sets);
-        environments playing one variation thus see the same lines, not always in the
-        same order.
+        Every load builds the same world. With deterministic=False the engine may list the
+        contents of a container in a different order from one load to the next (it walks
+        hash sets keyed by identity hashes), so environments playing one variation see the
+        same lines, not always in the same order; with deterministic=True (the default)
+        they see the same text.
         """
         if task is None and variation is not None:
             raise ValueError(f"variation={variation!r} was given without a task.")

@@ -44,3 +44,5 @@ class Episode:
     invalid_turns: int = 0
     truncated: bool = False        # hit the turn limit
     crashed: bool = False          # the engine died or hung: excluded from training and success rates
+    parent: int = -1               # branching rollouts: traj_id of the episode this one forked from
+    branch_turn: int = 0           # turns shared with (copied from) the parent; 0 for a fresh episode

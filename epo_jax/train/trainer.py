@@ -110,8 +110,11 @@ def _env_options(config) -> dict[str, Any]:
     if config.env.name == "scienceworld":
         # EPO shows ScienceWorld's action templates and objects (the ~3k valid combinations
         # would not fit a prompt); ALFWorld's admissible commands are few and cheap.
+        # Constant JVM identity hashes make an episode replayable (branching needs that) at
+        # ~15-20% more time per step, so they are only paid for when branches replay episodes.
         options.update(simplification=config.env.simplification, jvm_heap=config.env.jvm_heap,
-                       available_actions=bool(config.env.show_actions))
+                       available_actions=bool(config.env.show_actions),
+                       deterministic=bool(config.rollout.get("branching", False)))
     else:
         options["admissible"] = bool(config.env.show_actions)
         if config.env.data_dir:
