@@ -437,6 +437,33 @@ class EnvPool:
         slot.created.result(timeout=self.start_timeout_s)
         return slot.env
 
+    def _start_with_retries(self, indices, start, timeout_s: float, what: str,
+                            reraise: tuple[type[BaseException], ...] = ()) -> dict[int, ResetResult]:
+        """Runs start(index, env) -> (obs, info) on the named slots' workers. A slot whose
+        engine fails or hangs is rebuilt and tried again, up to max_reset_attempts times, then
+        EnvCrashed is raised; exceptions of the `reraise` types propagate as they are."""
+        results: dict[int, ResetResult] = {}
+        pending = [self._slots[index] for index in indices]
+        failures: dict[int, str] = {}
+        for _ in range(self.max_reset_attempts):
+            failures = self._wait_created(pending)
+            futures = {slot.index: slot.worker.submit(functools.partial(start, slot.index, slot.env))
+                       for slot in pending if slot.index not in failures}
+            for index, (ok, value) in self._gather(futures, timeout_s, what, reraise=reraise).items():
+                if ok:
+                    results[index] = ResetResult(*value)
+                else:
+                    failures[index] = value
+            for index, reason in failures.items():
+                self._restart(self._slots[index], reason)
+            pending = [self._slots[index] for index in sorted(failures)]
+            if not pending:
+                break
+        if pending:
+            raise EnvCrashed(f"{what} failed {self.max_reset_attempts} times for environments "
+                             + "; ".join(f"{i}: {reason}" for i, reason in failures.items()))
+        return results
+
     def reset(self, episodes: Sequence[EpisodeSpec | tuple[str, int]]) -> list[ResetResult]:
         """Starts one episode per group (environment i plays episodes[i // group_size]).
 
@@ -448,31 +475,13 @@ class EnvPool:
                              f"(num_envs={self.num_envs} / group_size={self.group_size}), got "
                              f"{episodes!r:.200}.")
         specs = [EpisodeSpec(str(task), int(variation)) for task, variation in episodes]
-        results: list[ResetResult | None] = [None] * self.num_envs
-        pending = list(self._slots)
-        failures: dict[int, str] = {}
-        for _ in range(self.max_reset_attempts):
-            failures = self._wait_created(pending)
-            ready = [slot for slot in pending if slot.index not in failures]
-            futures = {}
-            for slot in ready:
-                spec = specs[slot.index // self.group_size]
-                futures[slot.index] = slot.worker.submit(
-                    functools.partial(slot.env.reset, spec.task, spec.variation))
-            for index, (ok, value) in self._gather(futures, self.step_timeout_s,
-                                                   "reset").items():
-                if ok:
-                    results[index] = ResetResult(*value)
-                else:
-                    failures[index] = value
-            for index, reason in failures.items():
-                self._restart(self._slots[index], reason)
-            pending = [self._slots[index] for index in sorted(failures)]
-            if not pending:
-                break
-        if pending:
-            raise EnvCrashed(f"reset failed {self.max_reset_attempts} times for environments "
-                             + "; ".join(f"{i}: {reason}" for i, reason in failures.items()))
+
+        def start(index: int, env: TextEnv):
+            spec = specs[index // self.group_size]
+            return env.reset(spec.task, spec.variation)
+
+        started = self._start_with_retries(range(self.num_envs), start, self.step_timeout_s, "reset")
+        results = [started[index] for index in range(self.num_envs)]
         for index, result in enumerate(results):
             self._episodes[index] = specs[index // self.group_size]
             self._last_info[index] = result.info
@@ -555,40 +564,18 @@ class EnvPool:
                 raise ValueError(f"requests[{index}] replays {len(request.actions)} actions, "
                                  f"which reaches the turn limit max_turns={self.max_turns}.")
         requests = {int(index): request for index, request in requests.items()}
-        results: dict[int, ResetResult] = {}
-        pending = [self._slots[index] for index in requests]
-        failures: dict[int, str] = {}
-        for _ in range(self.max_reset_attempts):
-            failures = self._wait_created(pending)
-            futures = {}
-            for slot in pending:
-                if slot.index in failures:
-                    continue
-                request = requests[slot.index]
-                spec = EpisodeSpec(str(request.episode[0]), int(request.episode[1]))
-                if request.actions or request.expected is not None:
-                    call = functools.partial(slot.env.replay, spec.task, spec.variation,
-                                             list(request.actions), request.expected)
-                else:  # a plain start works on any engine, deterministic or not
-                    call = functools.partial(slot.env.reset, spec.task, spec.variation)
-                futures[slot.index] = slot.worker.submit(call)
-            # The timeout grows with the prefix: each replayed action is one step.
-            longest = max((len(requests[i].actions) for i in futures), default=0)
-            outcomes = self._gather(futures, self.step_timeout_s * (1 + longest), "replay",
-                                    reraise=(ReplayError,))
-            for index, (ok, value) in outcomes.items():
-                if ok:
-                    results[index] = ResetResult(*value)
-                else:
-                    failures[index] = value
-            for index, reason in failures.items():
-                self._restart(self._slots[index], reason)
-            pending = [self._slots[index] for index in sorted(failures)]
-            if not pending:
-                break
-        if pending:
-            raise EnvCrashed(f"replay failed {self.max_reset_attempts} times for environments "
-                             + "; ".join(f"{i}: {reason}" for i, reason in failures.items()))
+
+        def start(index: int, env: TextEnv):
+            request = requests[index]
+            task, variation = str(request.episode[0]), int(request.episode[1])
+            if request.actions or request.expected is not None:
+                return env.replay(task, variation, list(request.actions), request.expected)
+            return env.reset(task, variation)  # a plain start works on any engine, deterministic or not
+
+        # The timeout grows with the prefix: each replayed action is one step.
+        longest = max((len(request.actions) for request in requests.values()), default=0)
+        results = self._start_with_retries(requests, start, self.step_timeout_s * (1 + longest), "replay",
+                                           reraise=(ReplayError,))
         for index, result in results.items():
             request = requests[index]
             self._episodes[index] = EpisodeSpec(str(request.episode[0]), int(request.episode[1]))
