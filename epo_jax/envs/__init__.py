@@ -1,4 +1,4 @@
-"""Text environments (ScienceWorld, ALFWorld) behind one protocol, and a batched pool.
+"""Text environments (ScienceWorld, ALFWorld, a toy corridor) behind one protocol, and a batched pool.
 
     env = epo_jax.envs.make("scienceworld", task="boil", variation=0)
     specs = epo_jax.envs.episodes("scienceworld", "iid")
@@ -13,20 +13,22 @@ import functools
 import importlib
 from typing import Any
 
-from epo_jax.envs.base import INFO_KEYS, EnvCrashed, EpisodeSpec, TextEnv
-from epo_jax.envs.pool import EnvPool, ResetResult, StepResult, SubprocessEnv
+from epo_jax.envs.base import INFO_KEYS, EnvCrashed, EpisodeSpec, ReplayError, TextEnv
+from epo_jax.envs.pool import EnvPool, Replay, ResetResult, StepResult, SubprocessEnv
 
 # name -> (module, environment class, pool backend the engine needs)
 _REGISTRY = {
     "scienceworld": ("epo_jax.envs.scienceworld", "ScienceWorldEnv", "thread"),
     "alfworld": ("epo_jax.envs.alfworld", "AlfWorldEnv", "process"),
+    # A toy corridor for miniature end-to-end runs (pure Python, microseconds per step).
+    "toy_keydoor": ("epo_jax.envs.toy_keydoor", "ToyKeyDoorEnv", "thread"),
 }
 ENV_NAMES = tuple(_REGISTRY)
 
 __all__ = [
-    "ENV_NAMES", "INFO_KEYS", "EnvCrashed", "EnvPool", "EpisodeSpec", "ResetResult",
-    "StepResult", "SubprocessEnv", "TextEnv", "default_backend", "episodes", "make",
-    "make_pool",
+    "ENV_NAMES", "INFO_KEYS", "EnvCrashed", "EnvPool", "EpisodeSpec", "Replay", "ReplayError",
+    "ResetResult", "StepResult", "SubprocessEnv", "TextEnv", "default_backend", "episodes",
+    "make", "make_pool",
 ]
 
 
@@ -37,7 +39,7 @@ def _entry(name: str) -> tuple[str, str, str]:
 
 
 def make(name: str, **options: Any) -> TextEnv:
-    """Builds one environment by name ("scienceworld" | "alfworld") with its options."""
+    """Builds one environment by name ("scienceworld" | "alfworld" | "toy_keydoor") with its options."""
     module_name, class_name, _ = _entry(name)
     return getattr(importlib.import_module(module_name), class_name)(**options)
 
@@ -49,7 +51,7 @@ def episodes(name: str, split: str, **options: Any) -> list[EpisodeSpec]:
 
 
 def default_backend(name: str) -> str:
-    """The pool backend an engine needs: "thread" (ScienceWorld) or "process" (ALFWorld)."""
+    """The pool backend an engine needs: "thread" (ScienceWorld, toy_keydoor) or "process" (ALFWorld)."""
     return _entry(name)[2]
 
 

@@ -1,4 +1,5 @@
-"""EPO's turn prompts for ScienceWorld and ALFWorld, rendered with the model's chat template.
+"""EPO's turn prompts for ScienceWorld and ALFWorld (and the toy corridor), rendered with the model's
+chat template.
 
 Each turn's prompt is one user message (EPO / verl-agent, docs/algorithms.md section 4) holding:
 the task; the number of steps taken so far; the actions of all but the last
@@ -14,25 +15,31 @@ as EPO does, the action templates plus the objects to fill them with (option
 
     history = [Turn(obs_1, act_1), Turn(obs_2, act_2)]   # obs_t: what act_t answered
     text = build_prompt(tokenizer, "scienceworld", info, observation, history)
+
+The toy key-and-door corridor (epo_jax/envs/toy_keydoor.py) has the same layout with a
+one-line introduction and a one-line format rule, so that its prompts stay a few dozen tokens.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-PROMPT_ENVS = ("scienceworld", "alfworld")
+PROMPT_ENVS = ("scienceworld", "alfworld", "toy_keydoor")
 
 _INTRO = {
     "scienceworld": ("You are an expert agent working in ScienceWorld, a text-based simulation "
                      "in which you carry out elementary-school science experiments."),
     "alfworld": ("You are an expert agent working in ALFWorld, a text-based household "
                  "simulation built on the ALFRED embodied environment."),
+    "toy_keydoor": "A text world.",
 }
 _INSTRUCTIONS = (
     "It is now your turn to act. First reason step by step about the current situation; "
     "this reasoning MUST be enclosed in <think> </think> tags. Then choose exactly one "
     "action for the current step and give it enclosed in <action> </action> tags.")
-_EXCLUDED_ACTIONS = {"alfworld": frozenset({"help"}), "scienceworld": frozenset()}
+_SHORT_INSTRUCTIONS = {"toy_keydoor": "Reply <think> </think> then <action> command </action>."}
+_EXCLUDED_ACTIONS = {"alfworld": frozenset({"help"}), "scienceworld": frozenset(),
+                     "toy_keydoor": frozenset()}
 
 
 class Turn(NamedTuple):
@@ -104,7 +111,7 @@ def user_message(env: str, *, task_description: str, observation: str,
     if actions:
         parts.append(actions)
     parts.append("")
-    parts.append(_INSTRUCTIONS)
+    parts.append(_SHORT_INSTRUCTIONS.get(env, _INSTRUCTIONS))
     return "\n".join(parts)
 
 
