@@ -172,7 +172,8 @@ def _gather_episodes(episodes: list[Episode], capacity: int, tasks: list[str]) -
 
 def _combine_rollout_stats(stats: dict[str, float]) -> dict[str, float]:
     """The processes' rollout statistics as one run's: token and prompt counts add up, turn counts
-    and times take the slowest process (the step waits for it), throughput is recomputed."""
+    and times take the slowest process (the step waits for it), per-group means of the branching
+    statistics average (every process plays the same number of groups), throughput is recomputed."""
     if jax.process_count() == 1:
         return stats
     keys = sorted(stats)
@@ -182,8 +183,12 @@ def _combine_rollout_stats(stats: dict[str, float]) -> dict[str, float]:
     values = _allgather(np.asarray([stats[k] for k in keys], np.float64))
     out = {}
     for i, key in enumerate(keys):
-        additive = key.startswith("rollout/") and key != "rollout/turns"
-        out[key] = float(values[:, i].sum() if additive else values[:, i].max())
+        if key.startswith("branching/"):
+            out[key] = float(values[:, i].mean())
+        elif key.startswith("rollout/") and key != "rollout/turns":
+            out[key] = float(values[:, i].sum())
+        else:
+            out[key] = float(values[:, i].max())
     if "rollout/new_tokens" in out and "time/generate_s" in out:
         out["throughput/rollout_tokens_per_s"] = out["rollout/new_tokens"] / max(out["time/generate_s"], 1e-9)
     return out
