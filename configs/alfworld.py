@@ -30,7 +30,9 @@ def get_config(arg: str = ""):
     c.env.max_turns = 6
     c.rollout.max_prompt_len = 1024
     c.rollout.max_response_len = 64
-    c.rollout.prompt_buckets = (512, 1024)
+    # The update pads every row to the bucket of the step's longest prompt; later turns' prompts
+    # (500-700 tokens) fit 768, which costs 40% less than padding them to 1024.
+    c.rollout.prompt_buckets = (512, 768, 1024)
     c.train.total_steps = 20
     c.optim.lr = 1e-5
     # 2 rows per micro-batch, each decoder layer rematerialised in the backward pass: a SmolLM2
