@@ -43,6 +43,20 @@ class EnvCrashed(RuntimeError):
     """The engine process died or hung; the pool restarts it and truncates the episode."""
 
 
+# EPO's split names and the aliases the engines' own code uses for them.
+EPO_SPLIT_ALIASES = {"dev": "iid", "test": "ood"}
+
+
+def canonical_split(split: str, splits: Sequence[str], engine: str) -> str:
+    """`split` with the aliases of EPO_SPLIT_ALIASES resolved; a ValueError naming `engine`'s
+    splits when it is none of them."""
+    canonical = EPO_SPLIT_ALIASES.get(split, split)
+    if canonical not in splits:
+        raise ValueError(f"split={split!r} is not a {engine} split; use one of {tuple(splits)} "
+                         f"(or the aliases {sorted(EPO_SPLIT_ALIASES)}).")
+    return canonical
+
+
 class ReplayError(RuntimeError):
     """An episode could not be reproduced by replaying its actions: the engine is not
     deterministic, or its answers differed from the recorded ones."""

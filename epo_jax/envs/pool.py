@@ -437,6 +437,11 @@ class EnvPool:
         slot.created.result(timeout=self.start_timeout_s)
         return slot.env
 
+    def _check_index(self, index: Any, what: str) -> None:
+        """Raises "<what> <index>; environment indices are 0..N-1." unless 0 <= index < N."""
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_envs:
+            raise ValueError(f"{what} {index!r}; environment indices are 0..{self.num_envs - 1}.")
+
     def _start_with_retries(self, indices, start, timeout_s: float, what: str,
                             reraise: tuple[type[BaseException], ...] = ()) -> dict[int, ResetResult]:
         """Runs start(index, env) -> (obs, info) on the named slots' workers. A slot whose
@@ -499,9 +504,7 @@ class EnvPool:
             raise TypeError(f"actions must map environment index -> action text, got "
                             f"{type(actions).__name__}.")
         for index, action in actions.items():
-            if not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_envs:
-                raise ValueError(f"actions has key {index!r}; environment indices are "
-                                 f"0..{self.num_envs - 1}.")
+            self._check_index(index, "actions has key")
             if not self._active[index]:
                 raise ValueError(f"environment {index} is not active (its episode ended); "
                                  "reset() before stepping it again.")
@@ -533,9 +536,7 @@ class EnvPool:
         """Ends the named environments' episodes without a step: they leave the active set
         (until `reset` or `replay` starts them again)."""
         for index in indices:
-            if not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_envs:
-                raise ValueError(f"stop() got index {index!r}; environment indices are "
-                                 f"0..{self.num_envs - 1}.")
+            self._check_index(index, "stop() got index")
             self._active[int(index)] = False
 
     def replay(self, requests: Mapping[int, Replay]) -> dict[int, ResetResult]:
@@ -552,9 +553,7 @@ class EnvPool:
             raise TypeError(f"requests must map environment index -> Replay, got "
                             f"{type(requests).__name__}.")
         for index, request in requests.items():
-            if not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_envs:
-                raise ValueError(f"replay() got index {index!r}; environment indices are "
-                                 f"0..{self.num_envs - 1}.")
+            self._check_index(index, "replay() got index")
             if not isinstance(request, Replay):
                 raise TypeError(f"requests[{index}] must be a Replay, got {request!r:.200}")
             if self._active[index]:

@@ -56,7 +56,7 @@ from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
 from py4j.protocol import Py4JError
 from scienceworld.constants import BASEPATH, JAR_PATH
 
-from epo_jax.envs.base import EnvCrashed, EpisodeSpec, TextEnv
+from epo_jax.envs.base import EnvCrashed, EpisodeSpec, TextEnv, canonical_split
 
 
 class TaskVariations(NamedTuple):
@@ -109,7 +109,6 @@ TASK_NAMES: tuple[str, ...] = tuple(row[0] for row in _PINNED_TABLE)
 UNSEEN_TASK_ID = 29  # use-thermometer: held out of EPO's training tasks 0-28
 
 SPLITS = ("train", "iid", "ood", "unseen_task")
-_SPLIT_ALIASES = {"dev": "iid", "test": "ood"}
 _SIMPLIFICATIONS = ("easy", "teleportAction", "selfWateringFlowerPots", "openContainers",
                     "openDoors", "noElectricalAction")
 _REWARDS = ("sparse", "dense")
@@ -168,14 +167,6 @@ def variation_table(version: str | None = None, cache_dir: str | os.PathLike | N
     return table
 
 
-def _canonical_split(split: str) -> str:
-    canonical = _SPLIT_ALIASES.get(split, split)
-    if canonical not in SPLITS:
-        raise ValueError(f"split={split!r} is not a ScienceWorld split; use one of {SPLITS} "
-                         f"(or the aliases {sorted(_SPLIT_ALIASES)}).")
-    return canonical
-
-
 def _check_task(task: str) -> str:
     if task not in TASK_NAMES:
         raise ValueError(f"task={task!r} is not a ScienceWorld task; use one of {TASK_NAMES}.")
@@ -187,7 +178,7 @@ def episodes(split: str, tasks: Sequence[str] = ()) -> list[EpisodeSpec]:
 
     `tasks` restricts the list to those task names (empty: every task of the split).
     """
-    split = _canonical_split(split)
+    split = canonical_split(split, SPLITS, "ScienceWorld")
     table = variation_table()
     if split == "unseen_task":
         split_tasks = (TASK_NAMES[UNSEEN_TASK_ID],)
@@ -289,7 +280,7 @@ class ScienceWorldEnv(TextEnv):
                              "or '2g'.")
         if max_action_chars < 1:
             raise ValueError(f"max_action_chars={max_action_chars!r} must be positive.")
-        self._split = _canonical_split(split)
+        self._split = canonical_split(split, SPLITS, "ScienceWorld")
         self._split_episodes = episodes(self._split, tasks)
         self._default_task = task
         self._default_variation = variation

@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from epo_jax.envs.base import EpisodeSpec, TextEnv
+from epo_jax.envs.base import EpisodeSpec, TextEnv, canonical_split
 
 MIN_OPTIMAL_TURNS = 10
 TRAIN_LENGTHS = (5, 6, 7)
@@ -56,7 +56,6 @@ TRAIN_TASKS = tuple(f"corridor-{n}" for n in TRAIN_LENGTHS)
 OOD_TASKS = tuple(f"corridor-{n}" for n in OOD_LENGTHS)
 TASK_NAMES = TRAIN_TASKS + OOD_TASKS
 SPLITS = ("train", "iid", "ood")
-_SPLIT_ALIASES = {"dev": "iid", "test": "ood"}
 _SPLIT_RANGES = {"train": (TRAIN_TASKS, range(0, 200)),
                  "iid": (TRAIN_TASKS, range(200, 250)),
                  "ood": (OOD_TASKS, range(0, 50))}
@@ -85,14 +84,6 @@ class Layout(NamedTuple):
         return abs(self.start_room - self.key_room) + 1 + abs(self.key_room - self.door_room) + 2
 
 
-def _canonical_split(split: str) -> str:
-    canonical = _SPLIT_ALIASES.get(split, split)
-    if canonical not in SPLITS:
-        raise ValueError(f"split={split!r} is not a toy_keydoor split; use one of {SPLITS} "
-                         f"(or the aliases {sorted(_SPLIT_ALIASES)}).")
-    return canonical
-
-
 def _num_rooms(task: str) -> int:
     if task not in TASK_NAMES:
         raise ValueError(f"task={task!r} is not a toy_keydoor task; use one of {TASK_NAMES}.")
@@ -116,7 +107,7 @@ def layout(task: str, variation: int) -> Layout:
 
 def episodes(split: str, tasks: Sequence[str] = ()) -> list[EpisodeSpec]:
     """The (task, variation) episodes of a split, in task order; `tasks` restricts the tasks."""
-    split_tasks, variations = _SPLIT_RANGES[_canonical_split(split)]
+    split_tasks, variations = _SPLIT_RANGES[canonical_split(split, SPLITS, "toy_keydoor")]
     if tasks:
         if isinstance(tasks, str):
             raise TypeError(f"tasks={tasks!r} must be a sequence of task names, not a string.")
@@ -161,7 +152,7 @@ class ToyKeyDoorEnv(TextEnv):
                  expert_plan: bool = False, seed: int = 0) -> None:
         if reward not in REWARDS:
             raise ValueError(f"reward={reward!r} is not supported; use one of {REWARDS}.")
-        self._split = _canonical_split(split)
+        self._split = canonical_split(split, SPLITS, "toy_keydoor")
         self._tasks = tuple(tasks)
         self._reward = reward
         self._success_reward = float(success_reward)

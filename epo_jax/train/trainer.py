@@ -114,7 +114,7 @@ def _env_options(config) -> dict[str, Any]:
         # ~15-20% more time per step, so they are only paid for when branches replay episodes.
         options.update(simplification=config.env.simplification, jvm_heap=config.env.jvm_heap,
                        available_actions=bool(config.env.show_actions),
-                       deterministic=bool(config.rollout.get("branching", False)))
+                       deterministic=bool(config.rollout.branching))
     else:
         options["admissible"] = bool(config.env.show_actions)
         if config.env.data_dir:

@@ -1,6 +1,5 @@
 """AEPO's entropy-balanced rollout: formulas, bookkeeping, replays on the real engines, and
 run_episodes with branching on ScienceWorld and ALFWorld (docs/algorithms.md section 2 (a), (b))."""
-import functools
 import importlib.util
 import math
 import pathlib
@@ -10,8 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 import epo_jax.envs as envs
 from epo_jax.envs import EnvPool, EpisodeSpec, Replay, ReplayError, TextEnv
@@ -280,23 +277,12 @@ class UndeclaredWorld(LineWorld):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """A byte-level BPE tokenizer trained here, offline, with a ChatML chat template."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+def tokenizer(make_chatml_tokenizer):
     corpus = ["You are an expert agent. Your task is to boil water. Your admissible actions",
               "This room is called the kitchen. In it, you see: a stove, a sink, a counter.",
               "<think> reason </think> <action> go to kitchen </action> look around inventory",
               "You are at loc 1. On the countertop 1, you see a mug 1. go to cabinet 2, take"] * 20
-    bpe.train_from_iterator(corpus, trainer)
-    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
-                "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", chat_template=template)
+    return make_chatml_tokenizer(corpus, vocab_size=600)
 
 
 _STEPS = re.compile(r"You have already taken (\d+) step")

@@ -1,32 +1,15 @@
 """EPO turn prompts: history layout, action lists, and rendering with a real chat template."""
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from epo_jax.rollout.prompts import (Turn, build_prompt, chat_messages, format_actions,
                                      format_history, render_prompt, user_message)
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    """A byte-level BPE tokenizer trained here, offline, with a ChatML chat template."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+def tokenizer(make_chatml_tokenizer):
     corpus = ["You are an expert agent. Your task is to boil water.",
               "This room is called the kitchen. In it, you see: a stove, a sink.",
               "<think> reason </think> <action> go to kitchen </action>"] * 20
-    bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", chat_template=CHATML_TEMPLATE)
+    return make_chatml_tokenizer(corpus, vocab_size=400)
 
 
 def _history(num_steps):
