@@ -1,7 +1,7 @@
 """Cost of one RL update step under each entropy control, relative to plain PPO.
 
 For every method, one jitted update (`epo_jax.train.update.make_update_fn` with the real forward
-pass `epo_jax.train.policy.make_forward_fn`: decoder, chunked log-prob / entropy head, value head,
+pass `epo_jax.train.actor_critic.make_forward_fn`: decoder, chunked log-prob / entropy head, value head,
 AdamW) on a random Llama-shaped model (`epo_jax.models.transformer.init_params`) and one random
 batch shared by all methods. Each method's update is compiled first (compile time excluded),
 then the methods are timed in interleaved rounds (round r times every method once, in an order
@@ -25,7 +25,7 @@ import numpy as np
 from epo_jax.algo import entropy_sums, loss_state_update
 from epo_jax.models import transformer
 from epo_jax.models.config import ModelConfig
-from epo_jax.train import optim, policy, sharding
+from epo_jax.train import actor_critic, optim, sharding
 from epo_jax.train.update import init_train_state, make_update_fn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -104,10 +104,10 @@ def with_history(state, config):
 
 
 def compile_method(config, graphdef, policy_params, hidden_size, mesh, batch):
-    params = policy.init_params(config, policy_params, hidden_size)
+    params = actor_critic.init_params(config, policy_params, hidden_size)
     optimizer = optim.make_optimizer(config.optim, config.train.total_steps)
     state = with_history(init_train_state(config, params, optimizer, mesh), config)
-    update = jax.jit(make_update_fn(config, policy.make_forward_fn(config, graphdef), optimizer))
+    update = jax.jit(make_update_fn(config, actor_critic.make_forward_fn(config, graphdef), optimizer))
     compiled = update.lower(state, batch).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis

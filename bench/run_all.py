@@ -135,7 +135,7 @@ def update_rows(quick: bool) -> list[dict]:
     import runpy
 
     from epo_jax.models.loading import load_pretrained
-    from epo_jax.train import optim, policy, sharding
+    from epo_jax.train import actor_critic, optim, sharding
     from epo_jax.train.update import init_train_state, make_update_fn
 
     rows_per_batch, prompt, response = 2, (64 if quick else 256), 64
@@ -147,10 +147,10 @@ def update_rows(quick: bool) -> list[dict]:
         config.model.dtype = dtype
         loaded = load_pretrained("", dtype=dtype, remat=True)
         mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-        params = policy.init_params(config, loaded.params, loaded.config.hidden_size)
+        params = actor_critic.init_params(config, loaded.params, loaded.config.hidden_size)
         optimizer = optim.make_optimizer(config.optim, 100)
         state = init_train_state(config, params, optimizer, mesh)
-        update = jax.jit(make_update_fn(config, policy.make_forward_fn(config, loaded.graphdef), optimizer),
+        update = jax.jit(make_update_fn(config, actor_critic.make_forward_fn(config, loaded.graphdef), optimizer),
                          donate_argnums=(0,))
         batch = sharding.shard_batch(_update_batch(rows_per_batch, prompt, response, loaded.config.vocab_size), mesh)
         state, _ = update(state, batch)  # compile

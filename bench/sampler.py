@@ -42,7 +42,7 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def bytes_per_step(policy: loading.Policy, batch: int, cache_len: int) -> int:
+def bytes_per_step(policy: loading.LoadedModel, batch: int, cache_len: int) -> int:
     config = policy.config
     weights = sum(leaf.nbytes for leaf in jax.tree.leaves(policy.params))
     kv_cache = 2 * config.num_layers * batch * config.num_kv_heads * cache_len * config.head_dim * 4

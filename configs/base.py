@@ -151,3 +151,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.logging.tensorboard = True
     c.logging.jsonl = True
     return c
+
+
+def cpu_preset(c: ml_collections.ConfigDict, *, max_turns: int) -> ml_collections.ConfigDict:
+    """The CPU-sized default of an environment config: the same code paths as the paper's run at
+    a scale whose first steps finish in minutes on a laptop CPU with the embedded SmolLM2-135M."""
+    c.env.num_groups = 1
+    c.env.group_size = 2
+    c.env.max_turns = max_turns
+    c.rollout.max_prompt_len = 1024
+    c.rollout.max_response_len = 64
+    # The update pads every row to the bucket of the step's longest prompt; later turns' prompts
+    # (500-700 tokens) fit 768, which costs 40% less than padding them to 1024.
+    c.rollout.prompt_buckets = (512, 768, 1024)
+    c.train.total_steps = 20
+    c.optim.lr = 1e-5
+    # 2 rows per micro-batch, each decoder layer rematerialised in the backward pass: a SmolLM2
+    # micro-batch of 4 x 1088 tokens without remat holds 10-20 GB of activations on a CPU.
+    c.algo.micro_batch_size = 2
+    c.model.remat = True
+    c.checkpoint.every_steps = 2
+    c.eval.every_steps = 10
+    c.eval.num_episodes = 2
+    return c

@@ -21,7 +21,7 @@ from epo_jax import export as export_lib
 from epo_jax.models import transformer
 from epo_jax.models.config import ModelConfig
 from epo_jax.models.loading import load_pretrained, save_pretrained
-from epo_jax.train import optim, policy, sharding
+from epo_jax.train import actor_critic, optim, sharding
 from epo_jax.train.checkpoint import Checkpointer
 from epo_jax.train.update import init_train_state
 
@@ -94,7 +94,7 @@ def run(tmp_path_factory):
     policies = {}
     for step in (2, 4):
         policies[step] = perturbed(base_params, seed=step)
-        params = policy.init_params(config, policies[step], model_config.hidden_size)
+        params = actor_critic.init_params(config, policies[step], model_config.hidden_size)
         state = init_train_state(config, params, optimizer, mesh)
         checkpointer.save(step, state, {"step": step, "cursor": 0})
     checkpointer.close()

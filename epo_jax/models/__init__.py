@@ -12,7 +12,7 @@ tokenizer:    load_tokenizer, gguf_tokenizer, token_bytes
 from epo_jax.models.config import ModelConfig, UnsupportedArchitectureError, from_hf_config
 from epo_jax.models.loading import (
     EMBEDDED_MODEL,
-    Policy,
+    LoadedModel,
     embedded_gguf_path,
     load_gguf,
     load_hf_folder,
@@ -34,7 +34,7 @@ from epo_jax.models.transformer import (
 )
 
 __all__ = [
-    "EMBEDDED_MODEL", "FINISH_REASONS", "ModelConfig", "Policy", "SampleOutput", "Sampler", "SamplingParams",
+    "EMBEDDED_MODEL", "FINISH_REASONS", "ModelConfig", "LoadedModel", "SampleOutput", "Sampler", "SamplingParams",
     "Transformer", "UnsupportedArchitectureError", "abstract_params", "embedded_gguf_path", "from_hf_config",
     "gguf_tokenizer", "hidden_states", "init_params", "load_gguf", "load_hf_folder", "load_pretrained",
     "load_tokenizer", "logits", "param_partition_specs", "positions_from_mask",

@@ -38,7 +38,7 @@ _IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclasses.dataclass
-class Policy:
+class LoadedModel:
     """A loaded model: rebuild it with `nnx.merge(graphdef, params)`, or pass both to `hidden_states`."""
 
     graphdef: nnx.GraphDef
@@ -162,7 +162,7 @@ def load_hf_folder(
     param_dtype: str = "float32",
     remat: bool = False,
     mesh: Mesh | None = None,
-) -> Policy:
+) -> LoadedModel:
     """Loads a Hugging Face checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
@@ -189,7 +189,7 @@ def load_hf_folder(
         return handles[file].get_tensor(name)
 
     graphdef, params = _assemble_params(config, read, mesh)
-    return Policy(graphdef, params, config, tokenizer)
+    return LoadedModel(graphdef, params, config, tokenizer)
 
 
 def _unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -258,7 +258,7 @@ def load_gguf(
     param_dtype: str = "float32",
     remat: bool = False,
     mesh: Mesh | None = None,
-) -> Policy:
+) -> LoadedModel:
     """Loads a Llama-architecture GGUF file: tensors dequantised by `gguf`, tokenizer from its metadata."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
@@ -281,7 +281,7 @@ def load_gguf(
         return weight
 
     graphdef, params = _assemble_params(config, read, mesh)
-    return Policy(graphdef, params, config, tokenizer_lib.gguf_tokenizer(contents.metadata))
+    return LoadedModel(graphdef, params, config, tokenizer_lib.gguf_tokenizer(contents.metadata))
 
 
 def embedded_gguf_path() -> str:
@@ -303,7 +303,7 @@ def load_pretrained(
     param_dtype: str = "float32",
     remat: bool = False,
     mesh: Mesh | None = None,
-) -> Policy:
+) -> LoadedModel:
     """Loads a policy: "" or EMBEDDED_MODEL -> the embedded SmolLM2-135M-Instruct, a *.gguf file, or a
     Hugging Face folder. With a mesh, params are placed per `param_partition_specs(params, mesh)`."""
     options = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh)

@@ -26,7 +26,7 @@ def make_optimizer(optim: ml_collections.ConfigDict,
                    total_updates: int) -> optax.GradientTransformation:
     """Gradient clipping by global norm (policy and critic together), then AdamW on the schedule
     above: `optim.lr` for the policy, `optim.critic_lr` for the top-level params entries
-    "value_head" and "critic" (see epo_jax.train.policy)."""
+    "value_head" and "critic" (see epo_jax.train.actor_critic)."""
     def labels(params):
         return {name: jax.tree.map(lambda _: "critic" if name in ("value_head", "critic") else "policy",
                                    subtree) for name, subtree in params.items()}

@@ -11,7 +11,7 @@ One RL step k:
   2. batch: turn samples -> padded arrays (epo_jax.train.batch), sharded over data x fsdp; the
      processes agree on one shape and each contributes its own rows.
   3. score: critic values and reference log-probs, one jitted forward.
-  4. advantages: GAE / GRPO / Dr.GRPO / RLOO / GiGPO (epo_jax.train.advantages).
+  4. advantages: GAE / GRPO / Dr.GRPO / RLOO / GiGPO (epo_jax.train.batch_advantages).
   5. update: PPO epochs x minibatches x micro-batches with EPO's objective (epo_jax.train.update).
   6. metrics, checkpoint every `checkpoint.every_steps` (and on SIGTERM), evaluation every
      `eval.every_steps` on the IID and OOD splits at the eval temperature.
@@ -40,8 +40,8 @@ from epo_jax import envs
 from epo_jax.models.loading import load_pretrained
 from epo_jax.rollout import agent_loop
 from epo_jax.train import batch as batch_lib
-from epo_jax.train import optim, policy, sharding
-from epo_jax.train.advantages import make_advantage_fn
+from epo_jax.train import actor_critic, optim, sharding
+from epo_jax.train.batch_advantages import make_advantage_fn
 from epo_jax.train.checkpoint import Checkpointer
 from epo_jax.train.metrics import MetricsWriter, progress_line
 from epo_jax.train.update import TrainState, init_train_state, make_update_fn
@@ -221,7 +221,7 @@ def make_score_fn(config, forward_fn, ref_forward_fn):
     def score(params, ref_params, batch):
         def one(micro_batch):
             out = {}
-            if policy.needs_critic(config):
+            if actor_critic.needs_critic(config):
                 out["old_values"] = forward_fn(params, micro_batch)["values"]
             if ref_params is not None:
                 out["ref_logprobs"] = ref_forward_fn({"policy": ref_params}, micro_batch)["logprobs"]
@@ -250,7 +250,7 @@ def train_and_evaluate(config) -> TrainState:
                              param_dtype=config.model.param_dtype, remat=config.model.remat, mesh=mesh)
     graphdef, policy_params, tokenizer, model_config = (
         loaded.graphdef, loaded.params, loaded.tokenizer, loaded.config)
-    params = policy.init_params(config, policy_params, model_config.hidden_size)
+    params = actor_critic.init_params(config, policy_params, model_config.hidden_size)
     use_ref = bool(config.algo.use_kl_loss)
     ref_params = jax.tree.map(jnp.copy, policy_params) if use_ref else None
 
@@ -272,13 +272,13 @@ def train_and_evaluate(config) -> TrainState:
     if is_main:  # what the run was, for `epo_jax.export` and the notebooks
         (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    forward_fn = policy.make_forward_fn(config, graphdef)
+    forward_fn = actor_critic.make_forward_fn(config, graphdef)
     update_fn = jax.jit(
         make_update_fn(config, forward_fn, optimizer),
         in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
         donate_argnums=(0,))
     score_fn = jax.jit(make_score_fn(config, forward_fn,
-                                     policy.make_forward_fn(config, graphdef, with_critic=False)))
+                                     actor_critic.make_forward_fn(config, graphdef, with_critic=False)))
     advantage_fn = jax.jit(make_advantage_fn(config))
 
     num_processes, process = jax.process_count(), jax.process_index()

@@ -24,7 +24,7 @@ TEXTS = ("Hello world", "two  spaces\tand a tab\nnew line\n\n", " leading space"
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> loading.Policy:
+def smollm2() -> loading.LoadedModel:
     return loading.load_pretrained("")
 
 

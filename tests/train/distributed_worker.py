@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from test_update import random_batch, tiny_config, tiny_model  # noqa: E402
 
-from epo_jax.train import optim, policy, sharding  # noqa: E402
+from epo_jax.train import actor_critic, optim, sharding  # noqa: E402
 from epo_jax.train.update import init_train_state, make_update_fn  # noqa: E402
 
 ROWS = 16
@@ -29,11 +29,11 @@ def sharded_update(batch_rows: dict, mesh) -> dict:
     """The trainer's update path: place state, shard this process's rows, update, gather."""
     config = tiny_config(micro_batch_size=8)
     (graphdef, policy_params), model_cfg = tiny_model()
-    params = policy.init_params(config, policy_params, model_cfg.hidden_size)
+    params = actor_critic.init_params(config, policy_params, model_cfg.hidden_size)
     optimizer = optim.make_optimizer(config.optim, 10)
     state = init_train_state(config, params, optimizer, mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    update = jax.jit(make_update_fn(config, policy.make_forward_fn(config, graphdef), optimizer),
+    update = jax.jit(make_update_fn(config, actor_critic.make_forward_fn(config, graphdef), optimizer),
                      in_shardings=(state_sharding, None), out_shardings=(state_sharding, None))
     new_state, metrics = update(state, sharding.shard_batch(batch_rows, mesh))
     gathered = multihost_utils.process_allgather(new_state.params, tiled=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from epo_jax.rollout.samples import TurnSample
-from epo_jax.train.advantages import make_advantage_fn, trajectory_returns
+from epo_jax.train.batch_advantages import make_advantage_fn, trajectory_returns
 from epo_jax.train.batch import bucket, build_batch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

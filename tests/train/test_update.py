@@ -9,7 +9,7 @@ import pytest
 
 from epo_jax.models import transformer
 from epo_jax.models.config import ModelConfig
-from epo_jax.train import optim, policy, sharding
+from epo_jax.train import actor_critic, optim, sharding
 from epo_jax.train.update import init_train_state, make_update_fn
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -60,12 +60,12 @@ def random_batch(rows, seed=0, full_rows=None):
 
 def run_update(config, batch, mesh):
     (graphdef, policy_params), model_cfg = tiny_model()
-    params = policy.init_params(config, policy_params, model_cfg.hidden_size)
+    params = actor_critic.init_params(config, policy_params, model_cfg.hidden_size)
     optimizer = optim.make_optimizer(config.optim, 10)
     state = init_train_state(config, params, optimizer, mesh)
     params = state.params
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    update = jax.jit(make_update_fn(config, policy.make_forward_fn(config, graphdef), optimizer),
+    update = jax.jit(make_update_fn(config, actor_critic.make_forward_fn(config, graphdef), optimizer),
                      in_shardings=(state_sharding, None), out_shardings=(state_sharding, None))
     new_state, metrics = update(state, sharding.shard_batch(batch, mesh))
     return jax.device_get(new_state.params), jax.device_get(metrics), jax.device_get(params)
