@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from epo_jax.config import ConfigError, validate
+from epo_jax.config import CROSS_FIELD_RULES, FIELD_RULES, ConfigError, field_names, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,11 +60,19 @@ def test_paper_defaults():
     ("algo.kl_cov_coef", -1.0, ["algo.kl_cov_coef", ">= 0.0"]),
     ("algo.top_entropy_fraction", 0.0, ["algo.top_entropy_fraction", "> 0.0"]),
     ("algo.clip_cov_lb", float("inf"), ["algo.clip_cov_lb", "finite"]),
+    ("optim.lr", 1e30, ["optim.lr", "<= 1.0"]),
+    ("rollout.prompt_buckets", ("a", "b"), ["rollout.prompt_buckets", "tuple of increasing integers"]),
+    ("rollout.prompt_buckets", (1024, 512), ["rollout.prompt_buckets", "increasing"]),
+    ("workdir", "/etc/hostname/run", ["workdir", "/etc/hostname is a file"]),
+    ("workdir", "", ["workdir", "non-empty"]),
 ])
 def test_bad_values_name_field_and_range(field, value, words):
     c = load("scienceworld")
-    section, key = field.split(".")
-    c[section][key] = value
+    *sections, key = field.split(".")
+    node = c
+    for section in sections:
+        node = node[section]
+    node[key] = value
     with pytest.raises(ConfigError) as err:
         validate(c)
     for word in words:
@@ -105,10 +113,49 @@ def test_cross_field_rules():
         validate(c)
 
 
-def test_main_rejects_a_bad_override_before_running():
-    """The entry point validates the parsed config (with command-line overrides) first."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "epo_jax.main", "--config=configs/scienceworld.py",
-         "--config.epo.kappa_r=-3.0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "epo.kappa_r" in proc.stderr and "-3.0" in proc.stderr
+@pytest.mark.parametrize("name", ["base", "scienceworld", "alfworld", "mini"])
+def test_every_field_has_exactly_one_rule(name):
+    """The rule table covers every field of the shipped configs, and nothing else."""
+    assert sorted(field_names(load(name))) == sorted(FIELD_RULES)
+
+
+def test_cross_field_rules_name_real_fields():
+    names = set(FIELD_RULES) | {"mesh"}
+    assert all(rule.field in names for rule in CROSS_FIELD_RULES)
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "epo_jax.main", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--config.nosuch=1", ["'nosuch' does not exist", "configs/base.py"]),
+    ("--config.optim.lrr=1e-5", ["'optim.lrr' does not exist", "did you mean 'optim.lr'"]),
+    ("--config.lr=1e-5", ["'lr' does not exist", "'optim.lr'"]),
+    ("--config.seed=abc", ["'seed' = 'abc'", "an integer"]),
+    ("--config.model.remat=maybe", ["'model.remat' = 'maybe'", "True or False"]),
+    ("--config.rollout.prompt_buckets=abc", ["'rollout.prompt_buckets'", "tuple of increasing integers"]),
+    ("--config.epo.kappa_r=-3.0", ["epo.kappa_r", "-3.0"]),
+    ("--config.workdir=/etc/hostname/x", ["'workdir'", "/etc/hostname is a file"]),
+])
+def test_main_rejects_a_bad_override_in_one_line_before_running(override, words):
+    """Unknown fields, wrong types and bad values: one line on stderr, exit status 2, no traceback."""
+    proc = run_main("--config=configs/scienceworld.py", override)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: config field"), proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_verbose_adds_the_traceback():
+    proc = run_main("--config=configs/scienceworld.py", "--config.seed=-1", "--verbose")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: config field 'seed'")
+
+
+def test_a_bad_config_file_argument_is_one_line():
+    proc = run_main("--config=configs/scienceworld.py:papr")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "'' or 'paper'" in proc.stderr

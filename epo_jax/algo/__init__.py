@@ -10,6 +10,7 @@ loss:         make_loss_fn(config, forward_fn) -> loss_fn(params, batch, state)
 Formulas and sources: each function's docstring (papers cited there).
 """
 from epo_jax.algo.advantages import (
+    ADVANTAGE_ESTIMATORS,
     expand_to_tokens,
     gae_advantages,
     gigpo_advantages,
@@ -77,6 +78,7 @@ from epo_jax.algo.ppo import (
 )
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "BETA_SCHEDULES",
     "ClipCovTerms",
     "ENTROPY_AGGREGATIONS",

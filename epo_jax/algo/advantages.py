@@ -12,6 +12,9 @@ import jax.numpy as jnp
 
 from epo_jax.algo.aggregation import masked_mean, safe_divide
 
+# The estimators a run can choose (`algo.advantage`): PPO's GAE with a critic, and the group methods.
+ADVANTAGE_ESTIMATORS = ("ppo_gae", "grpo", "drgrpo", "rloo", "gigpo")
+
 _GROUP_EPS = 1e-6
 _WHITEN_EPS = 1e-8
 

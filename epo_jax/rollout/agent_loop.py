@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import time
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epo_jax.envs import EnvPool, EpisodeSpec, Replay
+from epo_jax.envs import EnvPool, EpisodeSpec, Replay, StepResult
 from epo_jax.models.sampler import Sampler, SamplingParams
 from epo_jax.rollout import branching as branching_lib
 from epo_jax.rollout import prompts as prompts_lib
@@ -102,8 +102,171 @@ def _numpy_rng(rng: jax.Array) -> np.random.Generator:
     return np.random.default_rng(np.asarray(bits).tolist())
 
 
+def prompt_token_ids(tokenizer, config, info: Mapping[str, Any], observation: str,
+                     history: Sequence[prompts_lib.Turn]) -> tuple[np.ndarray, bool]:
+    """The prompt token ids of a turn (the environment's info and observation, the episode's
+    history so far) exactly as the rollout feeds them to the sampler, and whether they were cut
+    to their last `rollout.max_prompt_len` tokens (the observation and the reply cue are at the
+    end). Anything trained on the rollout's prompts (a supervised start) renders them here."""
+    env_cfg = config.env
+    text = prompts_lib.build_prompt(tokenizer, env_cfg.name, info, observation, history,
+                                    history_length=env_cfg.history_length, show_actions=env_cfg.show_actions)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    max_prompt_len = int(config.rollout.max_prompt_len)
+    truncated = len(ids) > max_prompt_len
+    return np.asarray(ids[-max_prompt_len:] if truncated else ids, np.int32), truncated
+
+
+class _RolloutInProgress:
+    """One rollout's episodes while they play: slot i of the pool holds trajectory i.
+
+    Trajectory and group ids are fixed when an episode starts: `traj_id_offset + slot` and
+    `group_id_offset + group`, unique across the processes of a run when each passes its own
+    offsets; every turn sample of an episode carries them unchanged.
+    """
+
+    def __init__(self, pool: EnvPool, tokenizer, specs: Sequence[EpisodeSpec], config, *,
+                 traj_id_offset: int, group_id_offset: int):
+        self.pool, self.tokenizer, self.specs, self.config = pool, tokenizer, specs, config
+        self.traj_id_offset, self.group_id_offset = traj_id_offset, group_id_offset
+        self.episodes: list[Episode | None] = [None] * pool.num_envs
+        self.trajectories: list[_Trajectory | None] = [None] * pool.num_envs
+        self.stats = {"time/generate_s": 0.0, "time/env_s": 0.0, "rollout/new_tokens": 0.0,
+                      "rollout/prompt_tokens": 0.0, "rollout/truncated_prompts": 0.0}
+
+    def timed(self, key: str, fn: Callable, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.stats[key] += time.perf_counter() - t0
+        return out
+
+    def _group(self, slot: int) -> int:
+        return int(self.pool.group_ids[slot])
+
+    def begin(self, slot: int, reset: tuple[str, dict[str, Any]]) -> None:
+        """Slot `slot` starts its group's episode from the environment's first observation."""
+        spec = self.specs[self._group(slot)]
+        self.trajectories[slot] = _Trajectory.start(*reset)
+        self.episodes[slot] = Episode(traj_id=self.traj_id_offset + slot,
+                                      group_id=self.group_id_offset + self._group(slot),
+                                      task=spec.task, variation=int(spec.variation))
+
+    def render_prompt(self, slot: int) -> np.ndarray:
+        state = self.trajectories[slot]
+        ids, truncated = prompt_token_ids(self.tokenizer, self.config, state.info, state.observation,
+                                          state.history)
+        self.stats["rollout/truncated_prompts"] += float(truncated)
+        return ids
+
+    def record_turn(self, slot: int, prompt_ids: np.ndarray, generation: Generation) -> str:
+        """Keeps the turn as a TurnSample (token in, token out); returns the parsed action."""
+        state, episode = self.trajectories[slot], self.episodes[slot]
+        parsed = parse_action(generation.text)
+        self.stats["rollout/new_tokens"] += len(generation.ids)
+        self.stats["rollout/prompt_tokens"] += len(prompt_ids)
+        state.samples.append(TurnSample(
+            prompt_ids=prompt_ids, response_ids=np.asarray(generation.ids, np.int32),
+            response_logprobs=np.asarray(generation.logprobs, np.float32),
+            response_entropy=np.asarray(generation.entropy, np.float32), traj_id=episode.traj_id,
+            group_id=episode.group_id, turn_index=len(state.samples),
+            anchor_id=anchor_id(state.observation), valid_format=parsed.valid,
+            penalty=0.0 if parsed.valid else float(self.config.env.invalid_action_penalty)))
+        return parsed.action
+
+    def apply_step(self, slot: int, action: str, result: StepResult) -> None:
+        """The environment's answer to the turn's action; the episode's outcome once it ends."""
+        episode, state = self.episodes[slot], self.trajectories[slot]
+        episode.num_turns += 1
+        episode.invalid_turns += int(not state.samples[-1].valid_format)
+        state.history.append(prompts_lib.Turn(state.observation, action))
+        state.actions.append(action)
+        state.observation = result.observation
+        state.info = {**state.info, **result.info}
+        state.trace.append((result.observation, _score(result.info)))
+        episode.reward += float(result.reward)
+        if result.done or result.truncated:
+            episode.won = bool(result.info.get("won", False))
+            episode.score = _score(result.info)
+            episode.truncated = bool(result.truncated)
+            episode.crashed = bool(result.crashed)
+
+    def apply_plan(self, plan: branching_lib.Plan) -> None:
+        """Starts a branching plan's fresh rollouts and forks (docs of `run_episodes`)."""
+        if not (plan.starts or plan.forks):
+            return
+        requests = {i: Replay(self.specs[self._group(i)]) for i in plan.starts}
+        for parent, child in plan.forks:
+            source = self.trajectories[parent]
+            requests[child] = Replay(self.specs[self._group(parent)], tuple(source.actions),
+                                     tuple(source.trace))
+        started = self.timed("time/replay_s", self.pool.replay, requests)
+        for i in plan.starts:
+            self.begin(i, started[i])
+        for parent, child in plan.forks:
+            # The branch shows the parent's own texts: its next prompt is the parent's.
+            child_id = self.traj_id_offset + child
+            self.trajectories[child] = self.trajectories[parent].fork(child_id)
+            self.episodes[child] = dataclasses.replace(
+                self.episodes[parent], traj_id=child_id, parent=self.episodes[parent].traj_id,
+                branch_turn=self.episodes[parent].num_turns)
+            self.stats["rollout/replayed_steps"] += len(self.trajectories[parent].actions)
+
+    def finish(self) -> tuple[list[TurnSample], list[Episode]]:
+        """The played episodes in slot order, each with its turn samples; every sample carries
+        its episode's reward, and the last turn is marked."""
+        samples, episodes = [], []
+        for episode, state in zip(self.episodes, self.trajectories):
+            if episode is None:
+                continue
+            for sample in state.samples:
+                sample.episode_reward = episode.reward
+            if state.samples:
+                state.samples[-1].last_turn = True
+            samples.extend(state.samples)
+            episodes.append(episode)
+        return samples, episodes
+
+
+def _start_brancher(rollout: _RolloutInProgress, rng: jax.Array
+                    ) -> branching_lib.EntropyBalancedBrancher | None:
+    """Begins the episodes: every slot from the start, or AEPO's first rollouts of each group
+    (the brancher then decides the others turn by turn)."""
+    pool, config = rollout.pool, rollout.config
+    if not (branching_lib.enabled(config) and pool.group_size > 1):
+        for i, reset in enumerate(pool.reset(list(rollout.specs))):
+            rollout.begin(i, reset)
+        return None
+    params = branching_lib.BranchingParams.from_config(config.rollout)
+    brancher = branching_lib.EntropyBalancedBrancher(pool.num_groups, pool.group_size, params,
+                                                     _numpy_rng(rng))
+    rollout.stats.update({"rollout/branches": 0.0, "rollout/fresh_rollouts": 0.0,
+                          "rollout/replayed_steps": 0.0, "time/replay_s": 0.0})
+    pool.stop(range(pool.num_envs))
+    starts = brancher.start()
+    resets = rollout.timed("time/replay_s", pool.replay,
+                           {i: Replay(rollout.specs[rollout._group(i)]) for i in starts})
+    for i in starts:
+        rollout.begin(i, resets[i])
+    return brancher
+
+
+def _branching_stats(brancher: branching_lib.EntropyBalancedBrancher) -> dict[str, float]:
+    stats = {"rollout/branches": float(brancher.num_forks),
+             "rollout/fresh_rollouts": float(brancher.num_starts)}
+    if brancher.params.premonitor:  # means over the groups (every group ends its monitoring)
+        for key, values in (("h_root", brancher.h_root), ("h_tool", brancher.h_tool),
+                            ("initial_rollouts", brancher.initial_rollouts)):
+            stats[f"branching/{key}"] = float(np.mean(values))
+    return stats
+
+
+# on_turn(turn, active environments, rollout statistics so far): called after each turn.
+TurnCallback = Callable[[int, int, Mapping[str, float]], None]
+
+
 def run_episodes(pool: EnvPool, generate: GenerateFn, tokenizer, specs: Sequence[EpisodeSpec],
-                 rng: jax.Array, *, config) -> Rollout:
+                 rng: jax.Array, *, config, traj_id_offset: int = 0, group_id_offset: int = 0,
+                 on_turn: TurnCallback | None = None) -> Rollout:
     """Plays the episodes of `pool` (group g plays specs[g]) to their end.
 
     Without branching, every environment plays one episode from the start. With
@@ -116,151 +279,43 @@ def run_episodes(pool: EnvPool, generate: GenerateFn, tokenizer, specs: Sequence
     trajectory: the parent's turns up to the fork are copied into it as its own turn samples
     (same tokens, log-probabilities and turn indices, the branch's trajectory id and, at the
     end, the branch's episode reward), as AEPO trains each rollout on its full sequence with
-    the shared prefix included. Branches keep the parent's group id. Episodes are numbered
-    (traj_id) in slot order over the slots that played; Episode.parent / branch_turn record
-    the tree.
+    the shared prefix included. Branches keep the parent's group id. Slot i's episode has
+    trajectory id traj_id_offset + i (ids of unused slots are skipped); Episode.parent /
+    branch_turn record the tree. Episodes and samples come in slot order.
     """
-    env_cfg = config.env
-    max_prompt_len = int(config.rollout.max_prompt_len)
     if len(specs) != pool.num_groups:
         raise ValueError(f"run_episodes: {len(specs)} episode specs for a pool of {pool.num_groups} groups")
     t_start = time.perf_counter()
-    num_envs = pool.num_envs
-    group_ids = pool.group_ids
-    stats = {"time/generate_s": 0.0, "time/env_s": 0.0, "rollout/new_tokens": 0.0,
-             "rollout/prompt_tokens": 0.0, "rollout/truncated_prompts": 0.0}
-    episodes: list[Episode | None] = [None] * num_envs
-    trajectories: list[_Trajectory | None] = [None] * num_envs
-
-    def new_episode(i: int) -> Episode:
-        spec = specs[group_ids[i]]
-        return Episode(traj_id=i, group_id=int(group_ids[i]), task=spec.task,
-                       variation=int(spec.variation))
-
-    brancher = None
-    if branching_lib.enabled(config) and pool.group_size > 1:
-        params = branching_lib.BranchingParams.from_config(config.rollout)
-        brancher = branching_lib.EntropyBalancedBrancher(pool.num_groups, pool.group_size, params,
-                                                         _numpy_rng(rng))
-        vocab_size = _vocab_size(tokenizer)
-        stats.update({"rollout/branches": 0.0, "rollout/fresh_rollouts": 0.0,
-                      "rollout/replayed_steps": 0.0, "time/replay_s": 0.0})
-        pool.stop(range(num_envs))
-        starts = brancher.start()
-        t0 = time.perf_counter()
-        resets = pool.replay({i: Replay(specs[group_ids[i]]) for i in starts})
-        stats["time/replay_s"] += time.perf_counter() - t0
-        for i in starts:
-            trajectories[i] = _Trajectory.start(*resets[i])
-            episodes[i] = new_episode(i)
-    else:
-        for i, reset in enumerate(pool.reset(list(specs))):
-            trajectories[i] = _Trajectory.start(*reset)
-            episodes[i] = new_episode(i)
-
+    rollout = _RolloutInProgress(pool, tokenizer, specs, config, traj_id_offset=traj_id_offset,
+                                 group_id_offset=group_id_offset)
+    brancher = _start_brancher(rollout, rng)
+    vocab_size = _vocab_size(tokenizer)
     turn = 0
     while pool.active.any():
         active = [int(i) for i in np.flatnonzero(pool.active)]
-        prompt_ids = []
-        for i in active:
-            state = trajectories[i]
-            text = prompts_lib.build_prompt(
-                tokenizer, config.env.name, state.info, state.observation, state.history,
-                history_length=env_cfg.history_length, show_actions=env_cfg.show_actions)
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) > max_prompt_len:  # keep the end: the observation and the reply cue
-                ids = ids[-max_prompt_len:]
-                stats["rollout/truncated_prompts"] += 1
-            prompt_ids.append(np.asarray(ids, np.int32))
-        t0 = time.perf_counter()
-        generations = generate(prompt_ids, jax.random.fold_in(rng, turn))
-        stats["time/generate_s"] += time.perf_counter() - t0
+        prompt_ids = [rollout.render_prompt(i) for i in active]
+        generations = rollout.timed("time/generate_s", generate, prompt_ids, jax.random.fold_in(rng, turn))
         actions = {}
-        for i, ids, gen in zip(active, prompt_ids, generations):
-            state = trajectories[i]
-            parsed = parse_action(gen.text)
-            actions[i] = parsed.action
-            stats["rollout/new_tokens"] += len(gen.ids)
-            stats["rollout/prompt_tokens"] += len(ids)
-            state.samples.append(TurnSample(
-                prompt_ids=ids, response_ids=np.asarray(gen.ids, np.int32),
-                response_logprobs=np.asarray(gen.logprobs, np.float32),
-                response_entropy=np.asarray(gen.entropy, np.float32), traj_id=i,
-                group_id=int(group_ids[i]), turn_index=len(state.samples),
-                anchor_id=anchor_id(state.observation), valid_format=parsed.valid,
-                penalty=0.0 if parsed.valid else float(env_cfg.invalid_action_penalty)))
+        for i, ids, generation in zip(active, prompt_ids, generations):
+            actions[i] = rollout.record_turn(i, ids, generation)
             if brancher is not None:
                 brancher.observe(i, branching_lib.turn_entropy(
-                    gen.entropy, brancher.params.entropy_tokens, vocab_size))
-        t0 = time.perf_counter()
-        results = pool.step(actions)
-        stats["time/env_s"] += time.perf_counter() - t0
+                    generation.entropy, brancher.params.entropy_tokens, vocab_size))
+        results = rollout.timed("time/env_s", pool.step, actions)
         for i, result in results.items():
-            episode, state = episodes[i], trajectories[i]
-            episode.num_turns += 1
-            episode.invalid_turns += int(not state.samples[-1].valid_format)
-            state.history.append(prompts_lib.Turn(state.observation, actions[i]))
-            state.actions.append(actions[i])
-            state.observation = result.observation
-            state.info = {**state.info, **result.info}
-            state.trace.append((result.observation, _score(result.info)))
-            episode.reward += float(result.reward)
-            if result.done or result.truncated:
-                episode.won = bool(result.info.get("won", False))
-                episode.score = float(result.info.get("score", 0.0) or 0.0)
-                episode.truncated = bool(result.truncated)
-                episode.crashed = bool(result.crashed)
+            rollout.apply_step(i, actions[i], result)
         if brancher is not None:
-            plan = brancher.after_turn(np.flatnonzero(pool.active))
-            if plan.starts or plan.forks:
-                requests = {i: Replay(specs[group_ids[i]]) for i in plan.starts}
-                for parent, child in plan.forks:
-                    source = trajectories[parent]
-                    requests[child] = Replay(specs[group_ids[parent]], tuple(source.actions),
-                                             tuple(source.trace))
-                t0 = time.perf_counter()
-                started = pool.replay(requests)
-                stats["time/replay_s"] += time.perf_counter() - t0
-                for i in plan.starts:
-                    trajectories[i] = _Trajectory.start(*started[i])
-                    episodes[i] = new_episode(i)
-                for parent, child in plan.forks:
-                    # The branch shows the parent's own texts: its next prompt is the parent's.
-                    trajectories[child] = trajectories[parent].fork(child)
-                    episodes[child] = dataclasses.replace(
-                        episodes[parent], traj_id=child, parent=parent,
-                        branch_turn=episodes[parent].num_turns)
-                    stats["rollout/replayed_steps"] += len(trajectories[parent].actions)
+            rollout.apply_plan(brancher.after_turn(np.flatnonzero(pool.active)))
         turn += 1
-
-    # Number the episodes that were played in slot order; samples and parents follow.
-    played = [i for i in range(num_envs) if episodes[i] is not None]
-    new_id = {slot: k for k, slot in enumerate(played)}
-    samples, out_episodes = [], []
-    for slot in played:
-        episode, state = episodes[slot], trajectories[slot]
-        episode.traj_id = new_id[slot]
-        if episode.parent >= 0:
-            episode.parent = new_id[episode.parent]
-        for sample in state.samples:
-            sample.traj_id = episode.traj_id
-            sample.episode_reward = episode.reward
-        if state.samples:
-            state.samples[-1].last_turn = True
-        samples.extend(state.samples)
-        out_episodes.append(episode)
-    elapsed = time.perf_counter() - t_start
-    stats["rollout/turns"] = float(turn)
+        if on_turn is not None:
+            on_turn(turn, len(active), rollout.stats)
+    samples, episodes = rollout.finish()
+    stats = dict(rollout.stats, **{"rollout/turns": float(turn)})
     if brancher is not None:
-        stats["rollout/branches"] = float(brancher.num_forks)
-        stats["rollout/fresh_rollouts"] = float(brancher.num_starts)
-        if brancher.params.premonitor:  # means over the groups (every group ends its monitoring)
-            for key, values in (("h_root", brancher.h_root), ("h_tool", brancher.h_tool),
-                                ("initial_rollouts", brancher.initial_rollouts)):
-                stats[f"branching/{key}"] = float(np.mean(values))
+        stats.update(_branching_stats(brancher))
     stats["throughput/rollout_tokens_per_s"] = stats["rollout/new_tokens"] / max(stats["time/generate_s"], 1e-9)
-    stats["time/rollout_wall_s"] = elapsed
-    return Rollout(samples=samples, episodes=out_episodes, stats=stats)
+    stats["time/rollout_wall_s"] = time.perf_counter() - t_start
+    return Rollout(samples=samples, episodes=episodes, stats=stats)
 
 
 def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None):

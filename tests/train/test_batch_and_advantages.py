@@ -7,7 +7,7 @@ import pytest
 
 from epo_jax.rollout.samples import TurnSample
 from epo_jax.train.batch_advantages import make_advantage_fn, trajectory_returns
-from epo_jax.train.batch import bucket, build_batch
+from epo_jax.train.batch import bucket, build_batch, micro_batches_per_minibatch, update_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -30,8 +30,8 @@ def test_bucket():
 
 def test_build_batch_layout():
     samples = [sample(3, 2, 0, 0, 0), sample(5, 4, 0, 0, 1, last=True)]
-    b = build_batch(samples, prompt_buckets=(4, 8), response_len=4, row_multiple=4, pad_id=0)
-    assert b["tokens"].shape == (4, 12)  # prompt bucket 8 + response 4; rows rounded to 4
+    b = build_batch(samples, prompt_buckets=(4, 8), response_len=4, rows=4, pad_id=0, padding_id_start=1000)
+    assert b["tokens"].shape == (4, 12)  # prompt bucket 8 + response 4
     # Row 0: prompt left-padded into [5, 8), response right-padded in [8, 10).
     np.testing.assert_array_equal(b["tokens"][0], [0, 0, 0, 0, 0, 3, 4, 5, 100, 101, 0, 0])
     np.testing.assert_array_equal(b["attention_mask"][0], [0] * 5 + [1] * 5 + [0] * 2)
@@ -47,18 +47,31 @@ def test_build_batch_with_an_agreed_shape_for_multi_host_runs():
     """Each process of a multi-host run pads its rows to the shape all agreed on; padding ids start
     where the process says, so no two processes' padding rows share a group."""
     samples = [sample(3, 2, 0, 0, 0)]
-    b = build_batch(samples, prompt_buckets=(4, 8), response_len=4, row_multiple=4, pad_id=0,
+    b = build_batch(samples, prompt_buckets=(4, 8), response_len=4, pad_id=0,
                     rows=6, prompt_len=8, padding_id_start=2_000_000)
     assert b["tokens"].shape == (6, 12) and b["valid"].sum() == 1
     np.testing.assert_array_equal(b["group_id"][1:], 2_000_000 + np.arange(1, 6))
     # A process whose episodes all crashed still contributes its (all-padding) share.
-    empty = build_batch([], prompt_buckets=(4,), response_len=4, row_multiple=4, pad_id=0, rows=2, prompt_len=4)
+    empty = build_batch([], prompt_buckets=(4,), response_len=4, pad_id=0, rows=2, prompt_len=4,
+                        padding_id_start=1000)
     assert empty["tokens"].shape == (2, 8) and not empty["valid"].any()
     with pytest.raises(ValueError, match="shorter than the longest prompt"):
-        build_batch([sample(5, 2, 0, 0, 0)], prompt_buckets=(8,), response_len=4, row_multiple=1, pad_id=0,
-                    prompt_len=4)
+        build_batch([sample(5, 2, 0, 0, 0)], prompt_buckets=(8,), response_len=4, rows=1, pad_id=0,
+                    prompt_len=4, padding_id_start=1000)
     with pytest.raises(ValueError, match="cannot hold 1 samples"):
-        build_batch(samples, prompt_buckets=(4,), response_len=4, row_multiple=1, pad_id=0, rows=0)
+        build_batch(samples, prompt_buckets=(4,), response_len=4, pad_id=0, rows=0, padding_id_start=1000)
+
+
+@pytest.mark.parametrize("minibatches,micro,samples,rows", [
+    (1, 2, 1, 2), (1, 2, 2, 2), (1, 2, 3, 4), (1, 2, 5, 8), (1, 2, 9, 16),  # micro-batches 1, 1, 2, 4, 8
+    (2, 4, 8, 8), (2, 4, 9, 16), (2, 4, 17, 32), (3, 1, 4, 6)])
+def test_update_rows_round_micro_batches_up_to_a_power_of_two(minibatches, micro, samples, rows):
+    """rows = minibatches x micro-batch size x 2^ceil(log2(ceil(samples / (minibatches x micro))))."""
+    assert update_rows(samples, num_minibatches=minibatches, micro_batch_size=micro) == rows
+    assert micro_batches_per_minibatch(rows, num_minibatches=minibatches, micro_batch_size=micro) \
+        == rows // (minibatches * micro)
+    with pytest.raises(ValueError, match="not a multiple of algo.num_minibatches"):
+        micro_batches_per_minibatch(rows + 1, num_minibatches=minibatches, micro_batch_size=micro)
 
 
 def test_trajectory_returns_sum_penalties_once():
@@ -83,7 +96,7 @@ def test_grpo_step_matches_numpy():
                sample(2, 3, 1, 0, 0, penalty=-0.1), sample(2, 1, 1, 0, 1, last=True),
                sample(2, 2, 2, 1, 0, episode_reward=10, last=True),
                sample(2, 2, 3, 1, 0, episode_reward=10, last=True)]
-    b = build_batch(samples, prompt_buckets=(4,), response_len=3, row_multiple=8, pad_id=0)
+    b = build_batch(samples, prompt_buckets=(4,), response_len=3, rows=8, pad_id=0, padding_id_start=1000)
     adv = np.asarray(make_advantage_fn(config_with("grpo"))(b)["advantages"])
     returns = {0: 10.0, 1: -0.1}
     mean, std = np.mean(list(returns.values())), np.std(list(returns.values()), ddof=1)
@@ -97,7 +110,7 @@ def test_grpo_step_matches_numpy():
 def test_ppo_gae_with_zero_values_is_the_turn_reward_then_whitened():
     samples = [sample(2, 2, 0, 0, 0, penalty=-0.1, episode_reward=10),
                sample(2, 3, 0, 0, 1, episode_reward=10, last=True)]
-    b = build_batch(samples, prompt_buckets=(4,), response_len=3, row_multiple=2, pad_id=0)
+    b = build_batch(samples, prompt_buckets=(4,), response_len=3, rows=2, pad_id=0, padding_id_start=1000)
     c = config_with("ppo_gae")
     c.algo.whiten_advantages = False
     out = make_advantage_fn(c)(b, np.zeros((2, 3), np.float32))

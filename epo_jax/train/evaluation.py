@@ -1,0 +1,68 @@
+"""Evaluation: success rate and score on the IID and OOD splits at the eval temperature, and the
+episode metrics the training steps report too."""
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from epo_jax import envs
+from epo_jax.rollout import agent_loop
+from epo_jax.rollout.samples import Episode
+from epo_jax.train import environments, processes
+
+
+def episode_metrics(prefix: str, episodes: Sequence[Episode]) -> dict[str, float]:
+    """Counts, success, reward, score, turns and the share of turns without the reply format,
+    over the episodes whose engine did not crash."""
+    finished = [e for e in episodes if not e.crashed]
+    out = {f"{prefix}episodes": float(len(finished)),
+           f"{prefix}crashed_episodes": float(len(episodes) - len(finished))}
+    if finished:
+        out[f"{prefix}success_rate"] = float(np.mean([e.won for e in finished]))
+        out[f"{prefix}reward_mean"] = float(np.mean([e.reward for e in finished]))
+        out[f"{prefix}score_mean"] = float(np.mean([e.score for e in finished]))
+        out[f"{prefix}turns_mean"] = float(np.mean([e.num_turns for e in finished]))
+        out[f"{prefix}invalid_turn_rate"] = float(
+            np.sum([e.invalid_turns for e in finished]) / max(1, np.sum([e.num_turns for e in finished])))
+    return out
+
+
+def eval_specs(config, split: str) -> list[envs.EpisodeSpec]:
+    specs = envs.episodes(config.env.name, split, **environments.split_options(config))
+    # A fixed, evenly spread subset, the same at every evaluation.
+    idx = np.linspace(0, len(specs) - 1, num=min(config.eval.num_episodes, len(specs))).round().astype(int)
+    return [specs[i] for i in sorted(set(idx))]
+
+
+def evaluate(config, policy_params, generate, tokenizer, rng, pool, layout: processes.ProcessLayout
+             ) -> dict[str, float]:
+    """Success rate and score on each eval split at the eval temperature, one episode per spec,
+    played in waves of `pool`'s size (a pool of groups of one); each process plays its share."""
+    out: dict[str, float] = {}
+    generate_eval = functools.partial(generate, policy_params, temperature=config.eval.temperature)
+    rng = layout.key(rng)
+    for split in config.env.eval_splits:
+        all_specs = eval_specs(config, split)
+        specs = all_specs[layout.process::layout.num_processes]  # this process's share
+        episodes = []
+        for wave, start in enumerate(range(0, len(specs), pool.num_groups)):
+            chunk = specs[start:start + pool.num_groups]
+            padded = chunk + [chunk[0]] * (pool.num_groups - len(chunk))  # extras are dropped
+            rollout = agent_loop.run_episodes(
+                pool, generate_eval, tokenizer, padded,
+                jax.random.fold_in(jax.random.fold_in(rng, zlib.crc32(split.encode())), wave),
+                config=config)
+            episodes.extend(rollout.episodes[:len(chunk)])
+        episodes = processes.gather_episodes(episodes, -(-len(all_specs) // layout.num_processes),
+                                             sorted({s.task for s in all_specs}))
+        out.update(episode_metrics(f"eval/{split}/", episodes))
+        for task in sorted({e.task for e in episodes}):
+            finished = [e for e in episodes if e.task == task and not e.crashed]
+            if finished:
+                out[f"eval/{split}/success_rate/{task}"] = float(np.mean([e.won for e in finished]))
+                out[f"eval/{split}/score/{task}"] = float(np.mean([e.score for e in finished]))
+    return out
