@@ -77,12 +77,14 @@ def _main_argv(remote: str) -> list[str]:
 
 def console_script(name: str, executable: str = sys.executable, path: str | None = None) -> str | None:
     """A console script installed with this interpreter's packages (the test extra's shellcheck),
-    else the one on PATH. The interpreter's own folder comes first, so `venv/bin/python -m pytest`
-    finds the venv's scripts without an activated venv; `executable` is not resolved, since a
-    venv's python is a link into the base interpreter's folder."""
+    else the one on PATH. The interpreter's own folders come first, so `venv/bin/python -m pytest`
+    finds the venv's scripts without an activated venv (and a --system-site-packages venv the base
+    environment's); `executable` is not resolved, since a venv's python is a link into the base
+    interpreter's folder."""
     folders = [os.path.dirname(os.path.abspath(executable))]
     if executable == sys.executable:
-        folders.append(sysconfig.get_path("scripts"))
+        base = {"base": sys.base_prefix, "platbase": sys.base_prefix}
+        folders += [sysconfig.get_path("scripts"), sysconfig.get_path("scripts", vars=base)]
     return (shutil.which(name, path=os.pathsep.join(folders))
             or shutil.which(name, path=path if path is not None else os.environ.get("PATH")))
 
