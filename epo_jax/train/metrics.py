@@ -3,10 +3,11 @@ readable progress line.
 
 Only process 0 writes. The work directory may be local or remote (e.g. `gs://bucket/run`,
 through `etils.epath`): a remote JSONL is rewritten whole at each write (objects there cannot be
-appended to); TensorBoard events and W&B's run folder are written locally and copied over. Every
-record carries its RL step. A resumed run first drops the records logged after its checkpoint
-(steps that will be run again), so the log never repeats or skips a step. TensorBoard handles
-the same case itself: a later event for a step replaces an earlier one in its plots.
+appended to); TensorBoard events (at each write) and W&B's run folder (at close) are written
+locally and copied over. Every record carries its RL step. A resumed run first drops the records
+logged after its checkpoint (steps that will be run again), so the log never repeats or skips a
+step. TensorBoard handles the same case itself: a later event for a step replaces an earlier one
+in its plots.
 
 W&B (`logging.wandb=True`) gets the same scalars, the run config and, at each evaluation, a table
 of per-task results per eval split. Its run id is kept in `<workdir>/wandb_run_id`, so a resumed
@@ -188,7 +189,13 @@ class MetricsWriter:
                 _copy_tree(self._tb_local, self._tb_remote)
                 shutil.rmtree(self._tb_local, ignore_errors=True)
         if self._wandb_run is not None:
-            self._wandb_run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
+            import wandb
+            exit_code = 1 if sys.exc_info()[0] is not None else 0
+            self._wandb_run.finish(exit_code=exit_code)
+            # finish() can return before wandb's service process has written the run's last
+            # records (seen offline with wandb 0.31); teardown waits for them, so the run folder
+            # is complete when it is copied or read.
+            wandb.teardown(exit_code=exit_code)
             self._wandb_run = None
             if self._remote:
                 _copy_tree(os.path.join(self._wandb_local, "wandb"), self._wandb_remote / "wandb")
@@ -220,7 +227,7 @@ def _wandb_tables(scalars: Mapping[str, float]) -> dict[str, Any]:
 
 
 def _copy_tree(local_dir: str, remote_dir: epath.Path) -> None:
-    """Copies the files below a local folder to a remote one (objects stores have no rename or
+    """Copies the files below a local folder to a remote one (object stores have no rename or
     append: each file is written whole)."""
     for folder, _, files in os.walk(local_dir):
         relative = os.path.relpath(folder, local_dir)
@@ -228,6 +235,7 @@ def _copy_tree(local_dir: str, remote_dir: epath.Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
         for name in files:
             (target / name).write_bytes(epath.Path(folder, name).read_bytes())
+
 
 def is_remote(path: str) -> bool:
     """A URL-style path (gs://, s3://, ...) rather than a local one."""
