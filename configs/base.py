@@ -150,6 +150,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.logging.every_steps = 1
     c.logging.tensorboard = True
     c.logging.jsonl = True
+    # Weights & Biases (pip install 'epo-jax[wandb]'); WANDB_MODE=offline keeps the run local.
+    c.logging.wandb = False
+    c.logging.wandb_project = "epo-jax"
+    c.logging.wandb_entity = ""        # empty: the W&B account's default entity
+    c.logging.wandb_run_name = ""      # empty: the workdir's folder name
+    c.logging.wandb_tags = ()          # e.g. ('epo', 'sciworld')
     return c
 
 

@@ -22,6 +22,36 @@
 # Run `launch/gpu_slurm.sh --help` for every option.
 set -euo pipefail
 
+readonly SCRIPT_NAME=gpu_slurm.sh
+
+# The folder of launch/common.sh. sbatch runs a copy of this script from SLURM's spool folder,
+# where common.sh is not beside it; then it comes from the checkout: --repo, $EPO_REPO, else the
+# directory sbatch was called from.
+launch_dir() {
+  local here repo=${EPO_REPO:-${SLURM_SUBMIT_DIR:-}}
+  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  if [[ -f $here/common.sh ]]; then
+    printf '%s\n' "$here"
+    return
+  fi
+  while (($#)) && [[ $1 != -- ]]; do
+    case $1 in
+      --repo=*) repo=${1#--repo=} ;;
+      --repo) repo=${2:-} ;;
+    esac
+    shift
+  done
+  if [[ ! -f $repo/launch/common.sh ]]; then
+    printf '%s: error: launch/common.sh is neither beside this script nor in --repo=%s: submit from the epo-jax checkout or pass --repo\n' \
+      "$SCRIPT_NAME" "$repo" >&2
+    exit 2
+  fi
+  printf '%s\n' "$repo/launch"
+}
+LAUNCH_DIR=$(launch_dir "$@")
+# shellcheck source=common.sh
+source "$LAUNCH_DIR/common.sh"
+
 usage() {
   cat <<'EOF'
 Usage: sbatch [SBATCH_OPTIONS] launch/gpu_slurm.sh [OPTIONS] [-- MAIN_ARGS...]
@@ -46,30 +76,6 @@ Options (flag, or the environment variable in brackets):
 Environment: XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.92 here; JAX's own default, 0.75, leaves
 a fifth of each GPU unused, and nothing else on the node uses GPU memory).
 EOF
-}
-
-die() {
-  printf 'gpu_slurm.sh: error: %s\n' "$1" >&2
-  exit 2
-}
-
-# One shell word: as is when it holds only safe characters, else single-quoted.
-quote_word() {
-  local word=$1
-  local escaped_quote="'\\''"
-  if [[ -n $word && $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/$escaped_quote}"
-  fi
-}
-
-quote_command() {
-  local quoted=() word
-  for word in "$@"; do
-    quoted+=("$(quote_word "$word")")
-  done
-  printf '%s\n' "${quoted[*]}"
 }
 
 # First host of a SLURM node list without scontrol: the first top-level entry, each bracket
@@ -103,28 +109,20 @@ first_host() {
   fi
 }
 
-parse_args() {
-  while (($#)); do
-    local flag=$1 value=""
-    case $flag in
-      --) shift; MAIN_ARGS=("$@"); return ;;
-      -h | --help) usage; exit 0 ;;
-      --dry-run) DRY_RUN=1; shift; continue ;;
-      --*=*) value=${flag#*=}; flag=${flag%%=*}; shift ;;
-      --*)
-        (($# >= 2)) || die "$flag needs a value"
-        value=$2; shift 2 ;;
-      *) die "unexpected argument '$flag'; arguments for epo_jax.main go after '--'" ;;
-    esac
-    case $flag in
-      --workdir) WORKDIR=$value ;;
-      --config) CONFIG=$value ;;
-      --port) PORT=$value ;;
-      --python) PYTHON=$value ;;
-      --repo) REPO=$value ;;
-      *) die "unknown option '$flag' (see --help)" ;;
-    esac
-  done
+set_switch() {
+  return 1  # --dry-run and --help are the only switches, both parsed in common.sh
+}
+
+set_option() {
+  local value=$2
+  case $1 in
+    --workdir) WORKDIR=$value ;;
+    --config) CONFIG=$value ;;
+    --port) PORT=$value ;;
+    --python) PYTHON=$value ;;
+    --repo) REPO=$value ;;
+    *) return 1 ;;
+  esac
 }
 
 main() {
@@ -147,7 +145,7 @@ main() {
     die "--port=$PORT is not a TCP port (1-65535)"
   fi
   if [[ -z $REPO ]]; then
-    REPO=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+    REPO=${SLURM_SUBMIT_DIR:-$(cd "$LAUNCH_DIR/.." && pwd)}
   fi
   [[ -f $REPO/epo_jax/main.py ]] || die "--repo=$REPO holds no epo_jax/main.py: submit from the epo-jax checkout or pass --repo"
 

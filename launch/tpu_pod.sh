@@ -21,6 +21,9 @@ readonly PYTHON_VERSION='3.11'                  # jax 0.10 needs >= 3.11; TPU im
 readonly JAX_TPU_REQUIREMENT='jax[tpu]==0.10.2'
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
+readonly SCRIPT_NAME=tpu_pod.sh
+# shellcheck source=common.sh
+source "$REPO_ROOT/launch/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -61,30 +64,6 @@ Options (flag, or the environment variable in brackets):
   --dry-run                print the commands, one per line, instead of running them
   -h, --help               this message
 EOF
-}
-
-die() {
-  printf 'tpu_pod.sh: error: %s\n' "$1" >&2
-  exit 2
-}
-
-# One shell word: as is when it holds only safe characters, else single-quoted.
-quote_word() {
-  local word=$1
-  local escaped_quote="'\\''"
-  if [[ -n $word && $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/$escaped_quote}"
-  fi
-}
-
-quote_command() {
-  local quoted=() word
-  for word in "$@"; do
-    quoted+=("$(quote_word "$word")")
-  done
-  printf '%s\n' "${quoted[*]}"
 }
 
 run() {
@@ -218,38 +197,32 @@ cmd_delete() {
   gcloud_tpu delete "$TPU_NAME" --quiet
 }
 
-parse_args() {
-  while (($#)); do
-    local flag=$1 value=""
-    case $flag in
-      --) shift; MAIN_ARGS=("$@"); return ;;
-      -h | --help) usage; exit 0 ;;
-      --dry-run) DRY_RUN=1; shift; continue ;;
-      --spot) SPOT=1; shift; continue ;;
-      --follow) FOLLOW=1; shift; continue ;;
-      --force) FORCE=1; shift; continue ;;
-      --*=*) value=${flag#*=}; flag=${flag%%=*}; shift ;;
-      --*)
-        (($# >= 2)) || die "$flag needs a value"
-        value=$2; shift 2 ;;
-      *) die "unexpected argument '$flag'; arguments for epo_jax.main go after '--'" ;;
-    esac
-    case $flag in
-      --name) TPU_NAME=$value ;;
-      --zone) TPU_ZONE=$value ;;
-      --project) TPU_PROJECT=$value ;;
-      --accelerator-type) ACCELERATOR_TYPE=$value ;;
-      --version) TPU_VERSION=$value ;;
-      --ref) GIT_REF=$value ;;
-      --bucket) BUCKET=$value ;;
-      --run) RUN_NAME=$value ;;
-      --workdir) WORKDIR=$value ;;
-      --config) CONFIG=$value ;;
-      --worker) WORKER=$value ;;
-      --lines) LOG_LINES=$value ;;
-      *) die "unknown option '$flag' (see --help)" ;;
-    esac
-  done
+set_switch() {
+  case $1 in
+    --spot) SPOT=1 ;;
+    --follow) FOLLOW=1 ;;
+    --force) FORCE=1 ;;
+    *) return 1 ;;
+  esac
+}
+
+set_option() {
+  local value=$2
+  case $1 in
+    --name) TPU_NAME=$value ;;
+    --zone) TPU_ZONE=$value ;;
+    --project) TPU_PROJECT=$value ;;
+    --accelerator-type) ACCELERATOR_TYPE=$value ;;
+    --version) TPU_VERSION=$value ;;
+    --ref) GIT_REF=$value ;;
+    --bucket) BUCKET=$value ;;
+    --run) RUN_NAME=$value ;;
+    --workdir) WORKDIR=$value ;;
+    --config) CONFIG=$value ;;
+    --worker) WORKER=$value ;;
+    --lines) LOG_LINES=$value ;;
+    *) return 1 ;;
+  esac
 }
 
 main() {

