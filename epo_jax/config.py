@@ -232,6 +232,11 @@ FIELD_RULES: dict[str, Check] = {
     "logging.every_steps": integer(low=1),
     "logging.tensorboard": boolean,
     "logging.jsonl": boolean,
+    "logging.wandb": boolean,
+    "logging.wandb_project": text(non_empty=True),
+    "logging.wandb_entity": text(),
+    "logging.wandb_run_name": text(),
+    "logging.wandb_tags": sequence_of(str),
 }
 
 

@@ -31,6 +31,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from etils import epath
 
+from epo_jax.errors import UserError
+
 # Short names of the progress line, in display order.
 _PROGRESS_FIELDS = (
     ("success_rate", "succ", "{:.2f}"),
@@ -126,8 +128,8 @@ class MetricsWriter:
         try:
             import wandb
         except ImportError as e:
-            raise ImportError("logging.wandb=True needs the wandb package: pip install 'epo-jax[wandb]' "
-                              "(or set --config.logging.wandb=False)") from e
+            raise UserError("logging.wandb=True needs the wandb package: pip install 'epo-jax[wandb]' "
+                            "(or set --config.logging.wandb=False)") from e
         id_file = root / WANDB_RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else None  # None: W&B picks one
         # wandb writes into <dir>/wandb/; on a remote work directory that happens locally and is

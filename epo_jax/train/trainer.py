@@ -242,8 +242,7 @@ def _restore(run: _Run, state: TrainState) -> tuple[TrainState, RunCursor]:
         cursor = RunCursor(step=int(meta["step"]), cursor=int(meta["cursor"]))
         run.progress.info(f"resumed from the checkpoint of step {cursor.step}")
     config = run.config
-    run.writer = MetricsWriter(run.workdir, resume_step=cursor.step, jsonl=config.logging.jsonl,
-                               tensorboard=config.logging.tensorboard, enabled=run.layout.is_main)
+    run.writer = MetricsWriter.from_config(config, run.workdir, resume_step=cursor.step, enabled=run.layout.is_main)
     if run.layout.is_main:  # what the run was, for `epo_jax.export` and the notebooks
         (epath.Path(run.workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
     return state, cursor

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from configs.base import get_config
+from epo_jax.errors import UserError
 from epo_jax.train.metrics import MetricsWriter, WandbOptions, per_task_tables, progress_line, read_jsonl
 
 
@@ -184,7 +185,7 @@ def test_wandb_is_off_by_default(tmp_path):
 
 def test_wandb_without_the_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(ImportError, match=r"pip install 'epo-jax\[wandb\]'"):
+    with pytest.raises(UserError, match=r"pip install 'epo-jax\[wandb\]'"):
         MetricsWriter(str(tmp_path), wandb=WandbOptions(project="epo-test"))
 
 
