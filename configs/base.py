@@ -123,6 +123,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.total_steps = 125          # K, RL steps (also the phase schedule's horizon)
+    c.train.max_skipped_steps = 3      # stop after this many steps in a row whose updates were all skipped
 
     # Device mesh. -1 = all remaining devices.
     c.mesh = ml_collections.ConfigDict()

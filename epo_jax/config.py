@@ -216,6 +216,7 @@ FIELD_RULES: dict[str, Check] = {
     "optim.b2": fraction(low_open=False),
     "optim.eps": POSITIVE,
     "train.total_steps": integer(low=1),
+    "train.max_skipped_steps": integer(low=1),
     "mesh.data": mesh_axis,
     "mesh.fsdp": mesh_axis,
     "mesh.tensor": mesh_axis,

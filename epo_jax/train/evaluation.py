@@ -26,8 +26,9 @@ def episode_metrics(prefix: str, episodes: Sequence[Episode]) -> dict[str, float
         out[f"{prefix}reward_mean"] = float(np.mean([e.reward for e in finished]))
         out[f"{prefix}score_mean"] = float(np.mean([e.score for e in finished]))
         out[f"{prefix}turns_mean"] = float(np.mean([e.num_turns for e in finished]))
-        out[f"{prefix}invalid_turn_rate"] = float(
-            np.sum([e.invalid_turns for e in finished]) / max(1, np.sum([e.num_turns for e in finished])))
+        invalid = float(np.sum([e.invalid_turns for e in finished]) / max(1, np.sum([e.num_turns for e in finished])))
+        out[f"{prefix}invalid_turn_rate"] = invalid
+        out[f"{prefix}valid_turn_rate"] = 1.0 - invalid
     return out
 
 

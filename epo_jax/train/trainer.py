@@ -37,6 +37,7 @@ from etils import epath
 from epo_jax.models.loading import LoadedModel, load_pretrained
 from epo_jax.rollout import agent_loop
 from epo_jax.rollout.samples import TurnSample
+from epo_jax.errors import UserError
 from epo_jax.models.loading import EMBEDDED_MODEL
 from epo_jax.train import actor_critic, environments, evaluation, optim, processes, sharding
 from epo_jax.train.progress import Progress
@@ -170,6 +171,7 @@ class _Run:
     eval_pool: Any = None
     rollout_key: jax.Array = None
     eval_key: jax.Array = None
+    skipped_steps: int = 0   # consecutive steps whose every minibatch update was skipped
 
     def close(self) -> None:
         for closer in (self.pool, self.eval_pool, self.checkpointer, self.writer):
@@ -335,6 +337,28 @@ def _update_metrics(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+class UpdatesDiverged(UserError):
+    """Every update of several steps in a row was skipped: training cannot go on."""
+
+
+def _check_skipped_updates(run: _Run, step: int, metrics: dict[str, float]) -> None:
+    """Counts steps whose every minibatch update was skipped (non-finite loss, gradient or
+    result: parameters and optimizer state stayed as they were) and stops the run after
+    `train.max_skipped_steps` of them in a row; the checkpoints hold the last finite state."""
+    config = run.config
+    updates = config.algo.ppo_epochs * config.algo.num_minibatches
+    if metrics.get("skipped", 0.0):
+        logging.warning("step %d: %d of %d updates skipped (non-finite loss, gradient or result)",
+                        step, int(metrics["skipped"]), updates)
+    all_skipped = "skipped" in metrics and metrics["skipped"] >= updates
+    run.skipped_steps = run.skipped_steps + 1 if all_skipped else 0
+    if run.skipped_steps >= config.train.max_skipped_steps:
+        raise UpdatesDiverged(
+            f"every update of the last {run.skipped_steps} steps (to step {step}) was skipped for a non-finite "
+            f"loss, gradient or result; lower optim.lr (now {config.optim.lr:g}) or check the model and data; "
+            f"the checkpoints in {run.workdir} hold the last finite state")
+
+
 def _due(step: int, every: int, total: int) -> bool:
     return bool(every) and (step % every == 0 or step == total)
 
@@ -382,6 +406,7 @@ def train_and_evaluate(config) -> TrainState:
                 if _due(step, config.eval.every_steps, total):
                     metrics.update(evaluate_stage(run, state, step))
                 report(run, step, metrics)
+                _check_skipped_updates(run, step, metrics)
                 stop = preemption.agreed()
                 if stop or _due(step, config.checkpoint.every_steps, total):
                     checkpoint(run, state, cursor)
