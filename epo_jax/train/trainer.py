@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 from epo_jax.rollout.samples import Episode
 
 from epo_jax import envs
+from epo_jax.envs import panels
 from epo_jax.models.loading import load_pretrained
 from epo_jax.rollout import agent_loop
 from epo_jax.train import batch as batch_lib
@@ -98,10 +99,9 @@ def _train_specs(config) -> list[envs.EpisodeSpec]:
 
 
 def _eval_specs(config, split: str) -> list[envs.EpisodeSpec]:
-    specs = envs.episodes(config.env.name, split, **_split_options(config))
-    # A fixed, evenly spread subset, the same at every evaluation.
-    idx = np.linspace(0, len(specs) - 1, num=min(config.eval.num_episodes, len(specs))).round().astype(int)
-    return [specs[i] for i in sorted(set(idx))]
+    """The split's evaluation panel (epo_jax/envs/panels.py): the same episodes for every seed,
+    method, process count and pool size."""
+    return panels.panel(config.env.name, split, config.eval.num_episodes, **_split_options(config))
 
 
 def _env_options(config) -> dict[str, Any]:
@@ -269,8 +269,13 @@ def train_and_evaluate(config) -> TrainState:
         logging.info("resumed from step %d (%s)", start_step, workdir)
     writer = MetricsWriter(workdir, resume_step=start_step, jsonl=config.logging.jsonl,
                            tensorboard=config.logging.tensorboard, enabled=is_main)
-    if is_main:  # what the run was, for `epo_jax.export` and the notebooks
+    eval_panels = ({split: _eval_specs(config, split) for split in config.env.eval_splits}
+                   if config.eval.every_steps else {})
+    if is_main:  # what the run was, for `epo_jax.export`, `epo_jax.report` and the notebooks
         (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if eval_panels:
+            (epath.Path(workdir) / panels.PANEL_FILE).write_text(
+                panels.to_json(config.env.name, config.eval.num_episodes, eval_panels, **_split_options(config)))
 
     forward_fn = actor_critic.make_forward_fn(config, graphdef)
     update_fn = jax.jit(
@@ -353,7 +358,8 @@ def train_and_evaluate(config) -> TrainState:
                                                 or step == config.train.total_steps):
                     if eval_pool is None:
                         eval_pool = envs.make_pool(
-                            config.env.name, min(num_envs, -(-config.eval.num_episodes // num_processes)),
+                            config.env.name,
+                            min(num_envs, -(-max(map(len, eval_panels.values()), default=1) // num_processes)),
                             group_size=1,
                             max_turns=config.env.max_turns, step_timeout_s=config.env.step_timeout_s,
                             seed=config.seed + 1, **_env_options(config))
@@ -402,10 +408,9 @@ def evaluate(config, policy_params, generate, tokenizer, rng, pool) -> dict[str,
     rng = _process_key(rng)
     for split in config.env.eval_splits:
         all_specs = _eval_specs(config, split)
-        specs = all_specs[jax.process_index()::jax.process_count()]  # this process's share
+        specs = panels.process_share(all_specs, jax.process_index(), jax.process_count())
         episodes = []
-        for wave, start in enumerate(range(0, len(specs), pool.num_groups)):
-            chunk = specs[start:start + pool.num_groups]
+        for wave, chunk in enumerate(panels.waves(specs, pool.num_groups)):
             padded = chunk + [chunk[0]] * (pool.num_groups - len(chunk))  # extras are dropped
             rollout = agent_loop.run_episodes(
                 pool, generate_eval, tokenizer, padded,
