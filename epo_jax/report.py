@@ -534,7 +534,7 @@ def beside_published(summaries: Sequence[Summary]) -> str:
 
 def panel_notes(summaries: Sequence[Summary]) -> str:
     """Which panel each split was evaluated on, and whether every run shares it."""
-    lines = []
+    lines = [f"Evaluation panels (`epo_jax/envs/panels.py`): {panels_lib.RULE_SUMMARY}.", ""]
     for split in report_splits(summaries):
         digests = {s.panels.get(split, "unknown") for s in summaries}
         runs = [r for s in summaries for r in s.runs if r.panel and split in r.panel["splits"]]

@@ -47,6 +47,12 @@ from typing import Any
 from epo_jax.envs.base import EpisodeSpec
 
 PANEL_RULE = "stratified-by-task/sha256-order/round-robin/v1"
+# The rule in one sentence, for reports.
+RULE_SUMMARY = ("the split's episodes are grouped by task (ALFWorld: by task type) and taken round-robin over "
+                "the tasks in alphabetical order, each task's episodes in the order of the SHA-256 digest of "
+                "'<task>/<variation>' (ALFWorld: of the game id); the list depends on nothing but the benchmark, "
+                "the split, the size and the task filter (not on seed, method, process count, pool size or the "
+                "order the engine lists its episodes), and a smaller panel is the start of a larger one")
 PANEL_FILE = "eval_panel.json"
 ALL = -1  # the size that selects the whole split
 
