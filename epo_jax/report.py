@@ -190,6 +190,12 @@ def method_label(config: Mapping[str, Any]) -> str:
     return name
 
 
+def _varying_fields(groups: Sequence[Group]) -> list[str]:
+    """The config fields whose values are not the same in all `groups`, sorted."""
+    fields = sorted({k for g in groups for k in g.config})
+    return [k for k in fields if len({json.dumps(g.config.get(k), default=str) for g in groups}) > 1]
+
+
 def group_runs(runs: Sequence[Run], ignore: Sequence[str] = DEFAULT_IGNORE) -> list[Group]:
     """Groups in order of their first run; runs in a group by seed; labels from `method_label`,
     with the other differing config fields appended where two groups would share a label."""
@@ -201,13 +207,14 @@ def group_runs(runs: Sequence[Run], ignore: Sequence[str] = DEFAULT_IGNORE) -> l
     result = list(groups.values())
     for group in result:
         group.runs.sort(key=lambda r: (r.seed, r.path))
-    fields = sorted({k for g in result for k in g.config})
-    varying = [k for k in fields if len({json.dumps(g.config.get(k), default=str) for g in result}) > 1]
-    labels = [g.label for g in result]
-    for group in result:
-        if labels.count(group.label) > 1:
-            extra = [f"{k}={group.config.get(k)}" for k in varying if k not in _METHOD_FIELDS]
-            group.label += f" ({', '.join(extra)})" if extra else ""
+    for label in sorted({g.label for g in result}):
+        twins = [g for g in result if g.label == label]
+        if len(twins) < 2:
+            continue
+        varying = _varying_fields(twins)
+        fields = [k for k in varying if k not in _METHOD_FIELDS] or varying
+        for group in twins:
+            group.label += " (" + ", ".join(f"{k}={group.config.get(k)}" for k in fields) + ")"
     return result
 
 
@@ -551,8 +558,7 @@ def panel_notes(summaries: Sequence[Summary]) -> str:
 
 def config_differences(groups: Sequence[Group]) -> str:
     """The config fields that differ between the groups, per group."""
-    fields = sorted({k for g in groups for k in g.config})
-    varying = [k for k in fields if len({json.dumps(g.config.get(k), default=str) for g in groups}) > 1]
+    varying = _varying_fields(groups)
     if not varying:
         return ""
     rows = [[g.label] + [str(g.config.get(k, "")) for k in varying] for g in groups]
@@ -579,7 +585,8 @@ def markdown(groups: Sequence[Group], summaries: Sequence[Summary], window: Wind
                     "(x 1e-3); mean ± std [95% interval] over seeds.\n\n" + training_table(summaries))
     for split in report_splits(summaries):
         if any(s.tasks.get(split) for s in summaries):
-            sections.append(f"## Per-task Succ. ({split.upper()}, %, mean over seeds)\n\n" + task_table(summaries, split))
+            sections.append(f"## Per-task Succ. ({split.upper()}, %, mean over seeds)\n\n"
+                            + task_table(summaries, split))
     sections.append("## Evaluation panels\n\n" + panel_notes(summaries))
     runs = "\n".join(f"- {s.label}: seeds {', '.join(map(str, s.seeds))} ({', '.join(r.path for r in s.runs)})"
                      for s in summaries)

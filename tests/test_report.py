@@ -165,6 +165,15 @@ def test_runs_group_by_config_minus_seed_and_workdir(tmp_path):
     assert [(g.label, len(g.runs)) for g in ignored] == [("GRPO", 3), ("PPO", 4)]
 
 
+def test_groups_that_share_a_method_name_are_told_apart_by_what_differs_between_them(tmp_path):
+    for name, clip_high, lr in (("a", 0.25, 1e-3), ("b", 0.28, 1e-3), ("c", 0.2, 3e-4)):
+        write_run(tmp_path / name, control="none", evals={"iid": {10: 0.5}},
+                  extra={"algo.clip_high": clip_high, "optim.lr": lr})
+    groups, _, _ = report.build([str(tmp_path)], resamples=10)
+    assert [g.label for g in groups] == ["PPO + clip-higher (algo.clip_high=0.25)",
+                                         "PPO + clip-higher (algo.clip_high=0.28)", "PPO"]
+
+
 def test_method_labels_name_the_paper_methods():
     base = {"algo.advantage": "ppo_gae", "algo.entropy_control": "epo", "epo.smoothing": True, "epo.mode": "paper",
             "algo.clip_low": 0.2, "algo.clip_high": 0.2}
