@@ -411,8 +411,12 @@ class Summary:
         return [r.seed for r in self.runs]
 
     def to_json(self) -> dict[str, Any]:
+        def number(x: float) -> float | None:  # strict JSON has no NaN
+            return x if math.isfinite(x) else None
+
         def stat(s: Stat) -> dict[str, Any]:
-            return {"mean": s.mean, "std": s.std, "ci95": list(s.ci), "values": s.values}
+            return {"mean": number(s.mean), "std": number(s.std), "ci95": [number(x) for x in s.ci],
+                    "values": s.values}
         return {"label": self.label, "seeds": self.seeds, "runs": [r.path for r in self.runs],
                 "panels": self.panels, "stats": {k: stat(v) for k, v in self.stats.items()},
                 "splits": {s: {k: stat(v) for k, v in m.items()} for s, m in self.splits.items()},
@@ -778,7 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, end="")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"window": args.window,
-                                                       "groups": [s.to_json() for s in summaries]}, indent=2))
+                                                       "groups": [s.to_json() for s in summaries]},
+                                                      indent=2, allow_nan=False))
     return 0
 
 
