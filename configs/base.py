@@ -144,6 +144,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 25
+    # Episodes per eval split: the size of its fixed panel (epo_jax/envs/panels.py), the same
+    # episodes for every method, seed, process count and pool size; a size >= the split's is all of it.
     c.eval.num_episodes = 48
     c.eval.temperature = 0.4
 

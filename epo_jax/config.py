@@ -228,7 +228,7 @@ FIELD_RULES: dict[str, Check] = {
     "checkpoint.keep": integer(low=1),
     "checkpoint.async_save": boolean,
     "eval.every_steps": integer(low=0),
-    "eval.num_episodes": integer(low=0),
+    "eval.num_episodes": integer(low=-1),  # the panel size per split; -1 (or more than the split) = all
     "eval.temperature": NON_NEGATIVE,
     "logging.every_steps": integer(low=1),
     "logging.tensorboard": boolean,

@@ -245,8 +245,9 @@ def _restore(run: _Run, state: TrainState) -> tuple[TrainState, RunCursor]:
         run.progress.info(f"resumed from the checkpoint of step {cursor.step}")
     config = run.config
     run.writer = MetricsWriter.from_config(config, run.workdir, resume_step=cursor.step, enabled=run.layout.is_main)
-    if run.layout.is_main:  # what the run was, for `epo_jax.export` and the notebooks
+    if run.layout.is_main:  # what the run was, for `epo_jax.export`, `epo_jax.report` and the notebooks
         (epath.Path(run.workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+        evaluation.write_panels(config, run.workdir, evaluation.eval_panels(config))
     return state, cursor
 
 
@@ -367,7 +368,8 @@ def evaluate_stage(run: _Run, state: TrainState, step: int) -> dict[str, float]:
     """EVALUATE: the IID and OOD splits at the eval temperature (its pool is made on first use)."""
     config, layout = run.config, run.layout
     if run.eval_pool is None:
-        size = min(layout.num_envs, -(-config.eval.num_episodes // layout.num_processes))
+        largest_panel = max(map(len, evaluation.eval_panels(config).values()), default=1)
+        size = min(layout.num_envs, -(-largest_panel // layout.num_processes))
         run.eval_pool = environments.make_pool(config, size, group_size=1, seed=config.seed + 1)
     t_eval = time.perf_counter()
     eval_params = sharding.host_local_params(state.params["policy"], run.mesh, run.local_mesh)
