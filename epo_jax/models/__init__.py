@@ -6,10 +6,19 @@ transformer:  init_params / abstract_params, pure hidden_states / logits / unemb
               ("data", "fsdp", "tensor") mesh
 loading:      load_pretrained ("" = embedded SmolLM2-135M-Instruct, *.gguf, Hugging Face folder),
               save_pretrained (a folder transformers loads)
+attention:    attend (xla / cudnn / splash behind one function), select_implementation
 sampler:      Sampler.generate -> SampleOutput (tokens, log-probs, entropies, lengths)
 tokenizer:    load_tokenizer, gguf_tokenizer, token_bytes
 """
-from epo_jax.models.config import ModelConfig, UnsupportedArchitectureError, from_hf_config
+from epo_jax.models.attention import attend, select_implementation
+from epo_jax.models.config import (
+    ATTENTION_IMPLEMENTATIONS,
+    COMPUTE_DTYPES,
+    ModelConfig,
+    UnsupportedArchitectureError,
+    from_hf_config,
+    resolve_numerics,
+)
 from epo_jax.models.loading import (
     EMBEDDED_MODEL,
     LoadedModel,
@@ -29,14 +38,13 @@ from epo_jax.models.transformer import (
     logits,
     param_partition_specs,
     positions_from_mask,
-    split_model,
     unembedding,
 )
 
 __all__ = [
-    "EMBEDDED_MODEL", "FINISH_REASONS", "ModelConfig", "LoadedModel", "SampleOutput", "Sampler", "SamplingParams",
-    "Transformer", "UnsupportedArchitectureError", "abstract_params", "embedded_gguf_path", "from_hf_config",
+    "ATTENTION_IMPLEMENTATIONS", "COMPUTE_DTYPES", "EMBEDDED_MODEL", "FINISH_REASONS", "ModelConfig", "LoadedModel", "SampleOutput", "Sampler", "SamplingParams",
+    "Transformer", "UnsupportedArchitectureError", "abstract_params", "attend", "embedded_gguf_path", "from_hf_config",
     "gguf_tokenizer", "hidden_states", "init_params", "load_gguf", "load_hf_folder", "load_pretrained",
-    "load_tokenizer", "logits", "param_partition_specs", "positions_from_mask",
-    "save_pretrained", "split_model", "stop_string_table", "token_bytes", "unembedding",
+    "load_tokenizer", "logits", "param_partition_specs", "positions_from_mask", "resolve_numerics",
+    "save_pretrained", "select_implementation", "stop_string_table", "token_bytes", "unembedding",
 ]

@@ -234,7 +234,8 @@ def _prefill(
 ) -> tuple[KVCache, jax.Array]:
     """KV cache of the prompts and the float32 next-token logits [B, V] after the last prompt token."""
     model = nnx.merge(graphdef, params)
-    hidden_BxPxD, cache = model.prefill(tokens_BxP, positions_from_mask(mask_BxP), mask_BxP, cache_len)
+    hidden_BxPxD, cache = model.prefill(tokens_BxP, positions_from_mask(mask_BxP), mask_BxP.astype(jnp.int32),
+                                        cache_len)
     unembed_VxD = unembedding(params).astype(hidden_BxPxD.dtype)
     logits_BxV = jnp.einsum("bd,vd->bv", hidden_BxPxD[:, -1], unembed_VxD, preferred_element_type=jnp.float32)
     return cache, logits_BxV
@@ -258,8 +259,11 @@ def _decode(
     unembed_VxD = unembedding(params)
     batch, prompt_len = mask_BxP.shape
     n_new = statics.max_new_tokens
-    slot_mask_BxS = jnp.concatenate([mask_BxP.astype(bool), jnp.ones((batch, n_new), bool)], axis=1)
     prompt_lengths_B = jnp.sum(mask_BxP.astype(jnp.int32), axis=1)
+    # Slot P + j holds generated token j at position prompt_length + j; prompt padding is segment 0.
+    cache_positions_BxS = jnp.concatenate(
+        [positions_from_mask(mask_BxP), prompt_lengths_B[:, None] + jnp.arange(n_new)], axis=1)
+    cache_segments_BxS = jnp.concatenate([mask_BxP.astype(jnp.int32), jnp.ones((batch, n_new), jnp.int32)], axis=1)
     eos_ids = jnp.asarray(statics.eos_ids or (-1,), dtype=jnp.int32)
     stop_lengths = jnp.asarray(statics.stop_lengths or (0,), dtype=jnp.int32)
     stop_index = jnp.arange(stop_table.shape[0])
@@ -299,7 +303,7 @@ def _decode(
         step, cache, token, done, stop_states, outputs = carry
         positions_Bx1 = (prompt_lengths_B + step - 1)[:, None]
         hidden_Bx1xD, cache = model.decode(token[:, None], positions_Bx1, cache, prompt_len + step - 1,
-                                           slot_mask_BxS)
+                                           cache_positions_BxS, cache_segments_BxS)
         logits = jnp.einsum("bd,vd->bv", hidden_Bx1xD[:, 0], unembed_VxD.astype(hidden_Bx1xD.dtype),
                             preferred_element_type=jnp.float32)
         token, done, stop_states, outputs = sample(step, logits, done, stop_states, outputs)
