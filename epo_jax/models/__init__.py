@@ -7,7 +7,7 @@ transformer:  init_params / abstract_params, pure hidden_states / logits / unemb
 loading:      load_pretrained ("" = embedded SmolLM2-135M-Instruct, *.gguf, Hugging Face folder),
               save_pretrained (a folder transformers loads)
 attention:    attend (xla / cudnn / splash behind one function), select_implementation
-sampler:      Sampler.generate -> SampleOutput (tokens, log-probs, entropies, lengths)
+sampler:      Sampler.generate -> SampleOutput (tokens, log-probs, entropies, lengths); bucket
 tokenizer:    load_tokenizer, gguf_tokenizer, token_bytes
 """
 from epo_jax.models.attention import attend, select_implementation
@@ -28,7 +28,7 @@ from epo_jax.models.loading import (
     load_pretrained,
     save_pretrained,
 )
-from epo_jax.models.sampler import FINISH_REASONS, SampleOutput, Sampler, SamplingParams, stop_string_table
+from epo_jax.models.sampler import FINISH_REASONS, SampleOutput, Sampler, SamplingParams, bucket, stop_string_table
 from epo_jax.models.tokenizer import gguf_tokenizer, load_tokenizer, token_bytes
 from epo_jax.models.transformer import (
     Transformer,
@@ -43,7 +43,7 @@ from epo_jax.models.transformer import (
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS", "COMPUTE_DTYPES", "EMBEDDED_MODEL", "FINISH_REASONS", "ModelConfig", "LoadedModel", "SampleOutput", "Sampler", "SamplingParams",
-    "Transformer", "UnsupportedArchitectureError", "abstract_params", "attend", "embedded_gguf_path", "from_hf_config",
+    "Transformer", "UnsupportedArchitectureError", "abstract_params", "attend", "bucket", "embedded_gguf_path", "from_hf_config",
     "gguf_tokenizer", "hidden_states", "init_params", "load_gguf", "load_hf_folder", "load_pretrained",
     "load_tokenizer", "logits", "param_partition_specs", "positions_from_mask", "resolve_numerics",
     "save_pretrained", "select_implementation", "stop_string_table", "token_bytes", "unembedding",
