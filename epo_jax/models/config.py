@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,6 +24,11 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("auto",) + SUPPORTED_DTYPES           # allowed values of model.dtype
 ATTENTION_IMPLEMENTATIONS = attention_lib.IMPLEMENTATIONS  # allowed values of model.attention
+
+# Architecture-only folders (a config.json, no weights) of the models EPO was run with, for sizing
+# runs offline (e.g. `--config.model.path=<architecture_dir("Qwen2.5-7B-Instruct")>` in a planner).
+SHIPPED_ARCHITECTURES = ("Qwen2.5-0.5B-Instruct", "Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct")
+_ARCHITECTURES_DIR = pathlib.Path(__file__).with_name("architectures")
 
 _ARCHITECTURE_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -167,6 +173,13 @@ class ModelConfig:
         if self.rope_scaling:
             out["rope_scaling"] = dict(rope_parameters)
         return out
+
+
+def architecture_dir(name: str) -> str:
+    """The shipped folder holding `name`'s Hugging Face config.json (architecture only, no weights)."""
+    if name not in SHIPPED_ARCHITECTURES:
+        raise ValueError(f"no shipped architecture {name!r}; the shipped ones are {SHIPPED_ARCHITECTURES}.")
+    return str(_ARCHITECTURES_DIR / name)
 
 
 def _rope_scaling_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]]:
