@@ -44,6 +44,9 @@ from jax.sharding import PartitionSpec
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")  # allowed values of model.attention
 KERNELS = ("xla", "cudnn", "splash")                  # what "auto" resolves to
 _SPLASH_BLOCK = 128  # the kernel's lane width: block sizes and padded lengths are multiples of it
+# True runs the splash kernel in Pallas' interpreter, which works on CPU: how the tests exercise the
+# splash path of the model and the sampler without a TPU.
+SPLASH_INTERPRET = False
 
 
 def _cuda_facts(platform: str) -> tuple[bool, tuple[int, ...] | None]:
@@ -263,5 +266,5 @@ def attend(
     if implementation == "cudnn":
         return _rotated_flash_attention(q_BxTxKxGxH, k_BxKxSxH, v_BxKxSxH, q_segments_BxT, "cudnn")
     if implementation == "splash":
-        return _splash_attention(q_BxTxKxGxH, k_BxKxSxH, v_BxKxSxH, q_segments_BxT)
+        return _splash_attention(q_BxTxKxGxH, k_BxKxSxH, v_BxKxSxH, q_segments_BxT, interpret=SPLASH_INTERPRET)
     raise ValueError(f"model.attention={implementation!r} is not one of {KERNELS}.")

@@ -19,6 +19,7 @@ the tokenizer splits it across tokens.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 from typing import Callable, NamedTuple, Sequence
@@ -446,7 +447,11 @@ class Sampler:
                              f"found ids in [{tokens.min()}, {tokens.max()}].")
         done = np.arange(batch) >= len(prompts)  # filler rows start finished
         tokens_j, mask_j = self._batch_sharded(tokens), self._batch_sharded(mask)
-        cache, logits = _prefill(self.graphdef, params, tokens_j, mask_j, prompt_len + sampling.max_new_tokens)
+        # The splash kernel runs per shard in a shard_map over the context mesh (Mosaic kernels are not
+        # partitioned automatically); the other kernels need no mesh context.
+        splash_mesh = self.mesh is not None and self.model_config.attention == "splash"
+        with jax.set_mesh(self.mesh) if splash_mesh else contextlib.nullcontext():
+            cache, logits = _prefill(self.graphdef, params, tokens_j, mask_j, prompt_len + sampling.max_new_tokens)
         statics = _DecodeStatics(
             graphdef=self.graphdef, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
             top_k=sampling.top_k, use_top_p=sampling.top_p < 1, eos_ids=self.eos_token_ids,
