@@ -1,6 +1,8 @@
 """The policy model: a Flax NNX Llama / Qwen2 / Qwen3 decoder, checkpoint I/O and a KV-cache sampler.
 
-config:       ModelConfig (hashable architecture + dtypes), from_hf_config, to_hf_config
+config:       ModelConfig (hashable architecture + dtypes + attention kernel), from_hf_config, to_hf_config,
+              resolve_numerics ("auto" dtype / attention per platform), architecture_dir (shipped
+              architecture-only Qwen2.5 config.json folders)
 transformer:  init_params / abstract_params, pure hidden_states / logits / unembedding of
               (graphdef, params), positions_from_mask, param_partition_specs for a
               ("data", "fsdp", "tensor") mesh
