@@ -20,8 +20,8 @@ import ml_collections
 from epo_jax import algo
 from epo_jax.errors import ConfigError
 from epo_jax.envs import ENV_NAMES
+from epo_jax.models.config import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, SUPPORTED_DTYPES as PARAM_DTYPES
 
-DTYPES = ("float32", "bfloat16")
 __all__ = ["ConfigError", "FIELD_RULES", "CROSS_FIELD_RULES", "check_overrides", "validate", "field_names"]
 
 # The largest learning rate accepted: AdamW steps are about lr per parameter, so anything near 1
@@ -129,8 +129,9 @@ FIELD_RULES: dict[str, Check] = {
     "seed": integer(low=0),
     "workdir": workdir,
     "model.path": model_path,
-    "model.dtype": choice(DTYPES),
-    "model.param_dtype": choice(DTYPES),
+    "model.dtype": choice(COMPUTE_DTYPES),
+    "model.param_dtype": choice(PARAM_DTYPES),
+    "model.attention": choice(ATTENTION_IMPLEMENTATIONS),
     "model.remat": boolean,
     "model.logprob_chunk_size": integer(low=1),
     "rollout.max_prompt_len": integer(low=1),

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from epo_jax.models import tokenizer as tokenizer_lib
-from epo_jax.models.config import ModelConfig, UnsupportedArchitectureError, from_hf_config
+from epo_jax.models.config import ModelConfig, UnsupportedArchitectureError, from_hf_config, resolve_numerics
 from epo_jax.models.gguf_file import read_gguf
 from epo_jax.models.transformer import abstract_params, param_partition_specs
 
@@ -162,6 +162,7 @@ def load_hf_folder(
     param_dtype: str = "float32",
     remat: bool = False,
     mesh: Mesh | None = None,
+    attention: str = "auto",
 ) -> LoadedModel:
     """Loads a Hugging Face checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer."""
     config_path = os.path.join(path, "config.json")
@@ -170,7 +171,7 @@ def load_hf_folder(
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path!r} is missing: a Hugging Face checkpoint folder needs config.json.")
     with open(config_path) as f:
-        config = from_hf_config(json.load(f), dtype=dtype, param_dtype=param_dtype, remat=remat)
+        config = from_hf_config(json.load(f), dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     files = _safetensors_files(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):
@@ -219,7 +220,8 @@ def _gguf_to_hf_name(name: str) -> str:
     return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
 
 
-def _gguf_config(metadata: dict[str, Any], has_output: bool, **options: Any) -> ModelConfig:
+def _gguf_config(metadata: dict[str, Any], has_output: bool, *, dtype: str, attention: str,
+                 **options: Any) -> ModelConfig:
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise UnsupportedArchitectureError(
@@ -231,6 +233,7 @@ def _gguf_config(metadata: dict[str, Any], has_output: bool, **options: Any) -> 
 
     num_heads = int(key("attention.head_count"))
     hidden = int(key("embedding_length"))
+    head_dim = int(metadata.get("llama.attention.key_length", hidden // num_heads))
     return ModelConfig(
         model_type="llama",
         vocab_size=int(metadata.get("llama.vocab_size", len(metadata["tokenizer.ggml.tokens"]))),
@@ -239,7 +242,7 @@ def _gguf_config(metadata: dict[str, Any], has_output: bool, **options: Any) -> 
         num_layers=int(key("block_count")),
         num_heads=num_heads,
         num_kv_heads=int(metadata.get("llama.attention.head_count_kv", num_heads)),
-        head_dim=int(metadata.get("llama.attention.key_length", hidden // num_heads)),
+        head_dim=head_dim,
         # GGUF stores eps and theta as float32; print-round them back to the config's decimal values.
         rms_norm_eps=float(f"{key('attention.layer_norm_rms_epsilon'):.6g}"),
         rope_theta=float(f"{metadata.get('llama.rope.freq_base', 10000.0):.6g}"),
@@ -249,6 +252,7 @@ def _gguf_config(metadata: dict[str, Any], has_output: bool, **options: Any) -> 
         eos_token_ids=(int(metadata["tokenizer.ggml.eos_token_id"]),),
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
         **options,
+        **resolve_numerics(dtype, attention, head_dim),
     )
 
 
@@ -258,6 +262,7 @@ def load_gguf(
     param_dtype: str = "float32",
     remat: bool = False,
     mesh: Mesh | None = None,
+    attention: str = "auto",
 ) -> LoadedModel:
     """Loads a Llama-architecture GGUF file: tensors dequantised by `gguf`, tokenizer from its metadata."""
     if not os.path.exists(path):
@@ -269,7 +274,7 @@ def load_gguf(
             "does not support; load the model from its Hugging Face folder.")
     tensors = {_gguf_to_hf_name(name): tensor for name, tensor in contents.tensors.items()}
     config = _gguf_config(contents.metadata, "lm_head.weight" in tensors,
-                          dtype=dtype, param_dtype=param_dtype, remat=remat)
+                          dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     _check_tensor_names(config, {name: t.shape for name, t in tensors.items()}, f"GGUF file {path!r}")
 
     def read(name: str) -> np.ndarray:
@@ -303,10 +308,14 @@ def load_pretrained(
     param_dtype: str = "float32",
     remat: bool = False,
     mesh: Mesh | None = None,
+    attention: str = "auto",
 ) -> LoadedModel:
     """Loads a policy: "" or EMBEDDED_MODEL -> the embedded SmolLM2-135M-Instruct, a *.gguf file, or a
-    Hugging Face folder. With a mesh, params are placed per `param_partition_specs(params, mesh)`."""
-    options = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh)
+    Hugging Face folder. With a mesh, params are placed per `param_partition_specs(params, mesh)`.
+
+    dtype (model.dtype) and attention (model.attention) may be "auto": `config.resolve_numerics`
+    picks them for the running backend and checks explicit choices against it."""
+    options = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh, attention=attention)
     if path in ("", EMBEDDED_MODEL):
         return load_gguf(embedded_gguf_path(), **options)
     if path.endswith(".gguf"):

