@@ -417,6 +417,10 @@ class Sampler:
         spec = PartitionSpec(self._batch_axes or None, *([None] * (array.ndim - 1)))
         return jax.device_put(array, NamedSharding(self.mesh, spec))
 
+    def program_shape(self, num_prompts: int, longest_prompt: int) -> tuple[int, int]:
+        """(rows, prompt length) of the programs that generate for these prompts: one compile each."""
+        return _batch_bucket(num_prompts, self._batch_shards), bucket(longest_prompt, self.prompt_buckets)
+
     def generate(
         self,
         params: nnx.State,
@@ -434,8 +438,7 @@ class Sampler:
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
-        prompt_len = bucket(max(lengths), self.prompt_buckets)
-        batch = _batch_bucket(len(prompts), self._batch_shards)
+        batch, prompt_len = self.program_shape(len(prompts), max(lengths))
         tokens = np.zeros((batch, prompt_len), np.int32)
         mask = np.zeros((batch, prompt_len), bool)
         for row in range(batch):

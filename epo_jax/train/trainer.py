@@ -142,7 +142,8 @@ def _build_programs(config, model: LoadedModel, optimizer, mesh, state_sharding,
                      donate_argnums=(0,))
     score = jax.jit(make_score_fn(config, forward_fn,
                                   actor_critic.make_forward_fn(config, model.graphdef, with_critic=False)))
-    generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer, local_mesh)
+    generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer, local_mesh,
+                                           announce=progress.info)
     kernel_mesh = mesh if model.config.attention == "splash" else None
     return Programs(update=CompiledPerShape(update, "the update", progress, kernel_mesh),
                     score=CompiledPerShape(score, "the score pass", progress, kernel_mesh),
