@@ -42,7 +42,7 @@ from epo_jax.rollout import agent_loop
 from epo_jax.train import batch as batch_lib
 from epo_jax.train import actor_critic, optim, sharding
 from epo_jax.train.batch_advantages import make_advantage_fn
-from epo_jax.train.checkpoint import Checkpointer
+from epo_jax.train.checkpoint import Checkpointer, check_resume_config
 from epo_jax.train.metrics import MetricsWriter, progress_line
 from epo_jax.train.update import TrainState, init_train_state, make_update_fn
 
@@ -264,7 +264,8 @@ def train_and_evaluate(config) -> TrainState:
     train_specs = _train_specs(config)
     cursor, start_step = 0, 0
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
+        check_resume_config(workdir, config)  # before config.json is overwritten below
+        state, meta = checkpointer.restore(state)  # the newest checkpoint that verifies
         cursor, start_step = int(meta["cursor"]), int(meta["step"])
         logging.info("resumed from step %d (%s)", start_step, workdir)
     writer = MetricsWriter(workdir, resume_step=start_step, jsonl=config.logging.jsonl,
