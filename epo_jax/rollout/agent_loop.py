@@ -164,10 +164,9 @@ def run_episodes(pool: EnvPool, generate: GenerateFn, tokenizer, specs: Sequence
         prompt_ids = []
         for i in active:
             state = trajectories[i]
-            text = prompts_lib.build_prompt(
+            ids = prompts_lib.encode_prompt(
                 tokenizer, config.env.name, state.info, state.observation, state.history,
                 history_length=env_cfg.history_length, show_actions=env_cfg.show_actions)
-            ids = tokenizer.encode(text, add_special_tokens=False)
             if len(ids) > max_prompt_len:  # keep the end: the observation and the reply cue
                 ids = ids[-max_prompt_len:]
                 stats["rollout/truncated_prompts"] += 1
