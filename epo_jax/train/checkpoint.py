@@ -7,12 +7,11 @@ complete, so a kill mid-save leaves the previous checkpoint as the latest.
 
 What a finished save can still suffer (a disk or copy that flips bytes, a truncated file, a lost
 `_METADATA`) orbax does not verify: a flipped byte can load as a wrong number, and a damaged
-file ends in a cascade of tracebacks. So every save records a fingerprint of the state in `meta` (per leaf: its shape,
-dtype and two 32-bit checksums of its bits, computed on device in one pass that also counts
-non-finite values), and every restore recomputes it. A checkpoint that cannot be read or does
-not match its fingerprint is moved to `<workdir>/rejected_checkpoints/` (nothing is deleted) with
-a one-line warning, and the next older one is tried. A state with a NaN or inf anywhere is never
-written.
+file ends in a cascade of tracebacks. So every save records a fingerprint of the state in `meta`
+(per leaf: its shape, dtype and two 32-bit checksums of its bits, taken where the state lies),
+and every restore recomputes it. A checkpoint that cannot be read or does not match its
+fingerprint is moved to `<workdir>/rejected_checkpoints/` (nothing is deleted) with a one-line
+warning, and the next older one is tried. A state with a NaN or inf anywhere is never written.
 
 Before a run resumes, `check_resume_config` compares the config the run was started with (its
 `config.json`) with the new one: only fields that leave the experiment as it was may differ.
@@ -23,6 +22,7 @@ where it is (it is not damaged, only not this run's).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 RUN_CONFIG_FILE = "config.json"
 FINGERPRINT_KEY = "fingerprint"
 REJECTED_DIR = "rejected_checkpoints"
-_FINGERPRINT_VERSION = 1
+_FINGERPRINT_VERSION = 2
 _SHOWN_LEAVES = 4  # leaves named in one message; the count says how many more
 
 
@@ -56,9 +56,28 @@ class NonFiniteStateError(ValueError):
     """A state holding NaN or inf, which must never be written to a checkpoint."""
 
 
-def _leaf_words(x: jax.Array) -> jax.Array:
-    """The bits of a leaf as a flat uint32 vector (16- and 8-bit values widened, 64-bit split)."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+# The checksums of a leaf, over its bits as unsigned words u_i (flat, row-major; 16- and 8-bit
+# values widened to 32 bits, 64-bit ones split into two words), in uint32 arithmetic mod 2^32:
+#   sum      = sum_i u_i
+#   weighted = sum_i (2 floor(i / _ROW_WORDS) + 1) u_i
+# A changed word changes the sum; the odd weights make the weighted sum change too, and catch
+# blocks of words that moved. Integer sums are exact and order-free: the values do not depend on
+# how a leaf is sharded, reduced or on which backend, so a checkpoint verifies on any mesh.
+_ROW_WORDS = 1024
+_MOD = 2**32
+
+
+@functools.lru_cache(maxsize=None)
+def _is_key_dtype(dtype: Any) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _is_key(x: Any) -> bool:
+    return _is_key_dtype(x.dtype)
+
+
+def _device_words(x: jax.Array) -> jax.Array:
+    if _is_key(x):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
@@ -67,21 +86,83 @@ def _leaf_words(x: jax.Array) -> jax.Array:
     return words.astype(jnp.uint32).reshape(-1)
 
 
-def _leaf_fingerprint(x: jax.Array) -> jax.Array:
-    """[sum of words, sum of (2i + 1) x word_i, non-finite count], uint32 arithmetic mod 2^32.
-
-    A changed word changes the first sum; the odd weights make the second one change too, and
-    catch words swapped between positions. Integer sums are exact and order-free, so the value
-    does not depend on how the leaf is sharded or reduced.
-    """
-    words = _leaf_words(x)
-    weights = 2 * jnp.arange(words.shape[0], dtype=jnp.uint32) + 1
-    floating = jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)
-    non_finite = jnp.sum(~jnp.isfinite(x)).astype(jnp.uint32) if floating else jnp.uint32(0)
-    return jnp.stack([jnp.sum(words), jnp.sum(words * weights), non_finite])
+def _device_checksums(x: jax.Array) -> jax.Array:
+    words = _device_words(x)
+    weights = 2 * (jnp.arange(words.shape[0], dtype=jnp.uint32) // _ROW_WORDS) + 1
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
 
 
-_fingerprint_leaves = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
+_device_checksums_all = jax.jit(lambda leaves: [_device_checksums(x) for x in leaves])
+# sum(x * 0) is NaN exactly when some value is NaN or inf (inf * 0 = NaN), else 0.
+_device_any_non_finite_all = jax.jit(lambda leaves: [~jnp.isfinite(jnp.sum(x * 0, dtype=jnp.float32))
+                                                     for x in leaves])
+_device_non_finite_all = jax.jit(lambda leaves: [jnp.sum(~jnp.isfinite(x)) for x in leaves])
+
+
+def _host_words(x: jax.Array) -> np.ndarray:
+    """The words of a leaf in this host's memory, as a flat numpy view (no copy on one device)."""
+    a = np.asarray(jax.random.key_data(x) if _is_key(x) else x).reshape(-1)
+    if a.dtype == np.bool_:
+        a = a.view(np.uint8)
+    return a.view(np.uint32 if a.dtype.itemsize == 8 else np.dtype(f"uint{a.dtype.itemsize * 8}"))
+
+
+def _host_checksums(words: np.ndarray) -> tuple[int, int]:
+    """The checksums by rows of _ROW_WORDS words: sum = sum_r s_r, weighted = sum_r (2r + 1) s_r."""
+    rows = words.size // _ROW_WORDS
+    tail = int(words[rows * _ROW_WORDS:].sum(dtype=np.uint32))
+    if not rows:
+        return tail, tail
+    row_sums = words[:rows * _ROW_WORDS].reshape(rows, _ROW_WORDS).sum(axis=1, dtype=np.uint32).astype(np.uint64)
+    weights = (2 * np.arange(rows, dtype=np.uint64) + 1) % _MOD
+    weighted = int(((row_sums * weights) % _MOD).sum()) + (2 * rows + 1) * tail
+    return (int(row_sums.sum()) + tail) % _MOD, weighted % _MOD
+
+
+def _in_host_memory(x: jax.Array) -> bool:
+    """Whether numpy can read the leaf where it lies: XLA:CPU runs integer reductions ~8x slower
+    than numpy does (and than it runs float ones), so on CPU the checksums are taken by numpy."""
+    return x.is_fully_addressable and all(d.platform == "cpu" for d in x.sharding.device_set)
+
+
+def _per_device_set(leaves: Sequence[jax.Array], fn) -> list[np.ndarray]:
+    """`fn(leaves)` (a jitted function of a list), called once per set of devices the leaves use
+    (one call takes the arrays of one device set only); results on the host, in leaf order."""
+    groups: dict[frozenset, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
+    out: list[Any] = [None] * len(leaves)
+    for indices in groups.values():
+        for i, value in zip(indices, fn([leaves[i] for i in indices])):
+            out[i] = np.asarray(value if value.is_fully_addressable else value.addressable_data(0))
+    return out
+
+
+def _checksums(leaves: Sequence[jax.Array]) -> list[tuple[int, int]]:
+    on_host = [_in_host_memory(x) for x in leaves]
+    device = [x for x, host in zip(leaves, on_host) if not host]
+    device_sums = iter(_per_device_set(device, _device_checksums_all) if device else [])
+    return [_host_checksums(_host_words(x)) if host else tuple(int(v) for v in next(device_sums))
+            for x, host in zip(leaves, on_host)]
+
+
+def _non_finite_counts(leaves: Sequence[jax.Array]) -> list[int]:
+    """NaN / inf per leaf: a float reduction flags the leaves that may hold any, and only those
+    are counted. In host memory numpy's sum of the float32 / float64 values does (finite when
+    every value is, unless large values overflow it, which the count then clears), elsewhere a
+    jitted sum(x * 0)."""
+    floats = [i for i, x in enumerate(leaves) if not _is_key(x) and jnp.issubdtype(x.dtype, jnp.inexact)]
+    on_host = {i for i in floats if _in_host_memory(leaves[i]) and leaves[i].dtype in (np.float32, np.float64)}
+    elsewhere = [i for i in floats if i not in on_host]
+    flagged = [i for i in sorted(on_host) if not np.isfinite(np.asarray(leaves[i]).sum())]
+    if elsewhere:
+        flags = _per_device_set([leaves[i] for i in elsewhere], _device_any_non_finite_all)
+        flagged += [i for i, flag in zip(elsewhere, flags) if flag]
+    counts = [0] * len(leaves)
+    if flagged:
+        for i, count in zip(flagged, _per_device_set([leaves[i] for i in flagged], _device_non_finite_all)):
+            counts[i] = int(count)
+    return counts
 
 
 def _leaf_specs(state: Any) -> dict[str, tuple[list[int], str]]:
@@ -90,24 +171,30 @@ def _leaf_specs(state: Any) -> dict[str, tuple[list[int], str]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def fingerprint(state: Any) -> dict[str, Any]:
-    """The JSON fingerprint of a state: leaf path -> [shape, dtype, sum, weighted sum, non-finite].
-
-    One jitted pass over the state on its devices; only three numbers per leaf reach the host.
-    Leaves must be jax arrays.
-    """
-    paths_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    # One call per set of devices (a jitted call takes arrays of one device set only).
-    groups: dict[frozenset, list[int]] = {}
-    for i, (_, leaf) in enumerate(paths_leaves):
-        groups.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
-    sums: list[Any] = [None] * len(paths_leaves)
-    for indices in groups.values():
-        for i, s in zip(indices, _fingerprint_leaves([paths_leaves[i][1] for i in indices])):
-            sums[i] = np.asarray(s if s.is_fully_addressable else s.addressable_data(0))
-    leaves = {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype), *map(int, s)]
+def _fingerprint(paths_leaves: Sequence[tuple[Any, jax.Array]]) -> dict[str, Any]:
+    sums = _checksums([leaf for _, leaf in paths_leaves])
+    leaves = {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype), *s]
               for (path, leaf), s in zip(paths_leaves, sums)}
     return {"version": _FINGERPRINT_VERSION, "leaves": leaves}
+
+
+def _non_finite_leaves(paths_leaves: Sequence[tuple[Any, jax.Array]]) -> dict[str, int]:
+    counts = _non_finite_counts([leaf for _, leaf in paths_leaves])
+    return {jax.tree_util.keystr(path): n for (path, _), n in zip(paths_leaves, counts) if n}
+
+
+def fingerprint(state: Any) -> dict[str, Any]:
+    """The JSON fingerprint of a state of jax arrays: leaf path -> [shape, dtype, sum, weighted sum].
+
+    Taken where the state lies (numpy for host memory, one jitted pass on accelerators); only
+    two numbers per leaf travel.
+    """
+    return _fingerprint(jax.tree_util.tree_flatten_with_path(state)[0])
+
+
+def non_finite_leaves(state: Any) -> dict[str, int]:
+    """Leaf path -> number of NaN / inf values, for the leaves of a state that hold any."""
+    return _non_finite_leaves(jax.tree_util.tree_flatten_with_path(state)[0])
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -141,10 +228,6 @@ def _check_fingerprint(saved: dict[str, list], restored: dict[str, list]) -> Non
     if bad:
         raise CheckpointError(f"its data does not match the fingerprint written with it "
                               f"({len(bad)} of {len(saved)} leaves differ: {_listing(bad)})")
-
-
-def _non_finite(fp: dict[str, Any]) -> list[str]:
-    return [f"{path} ({values[4]})" for path, values in fp["leaves"].items() if values[4]]
 
 
 def _first_line(error: BaseException) -> str:
@@ -284,13 +367,14 @@ class Checkpointer:
 
         Raises NonFiniteStateError (and writes nothing) if any leaf holds NaN or inf.
         """
-        fp = fingerprint(state)
-        non_finite = _non_finite(fp)
+        paths_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+        non_finite = [f"{path} ({count})" for path, count in _non_finite_leaves(paths_leaves).items()]
         if non_finite:
             raise NonFiniteStateError(
                 f"refusing to write checkpoint {step}: the train state holds non-finite values in "
                 f"{len(non_finite)} leaves ({_listing(non_finite)}); the checkpoints already in "
                 f"{self.directory} are untouched")
+        fp = _fingerprint(paths_leaves)
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, FINGERPRINT_KEY: fp})))
 

@@ -34,45 +34,64 @@ def small_state(seed: int = 0) -> dict:
     }
 
 
-def reference_sums(x) -> tuple[int, int, int]:
-    """The fingerprint's rule in numpy: the leaf's bits as unsigned words of its width (bool as
-    one byte), widened; sum and (2i + 1)-weighted sum mod 2^32; the count of NaN / inf."""
+def reference_sums(x, row_words: int = 1024) -> tuple[int, int]:
+    """The fingerprint's rule in numpy, word by word: the leaf's bits as unsigned words of its
+    width (bool as one byte; 64-bit values as two 32-bit words), widened; their sum, and their sum
+    weighted by 2 floor(i / 1024) + 1, both mod 2^32 (Python integers: no overflow to mind)."""
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     a = np.asarray(x)
-    non_finite = int(np.sum(~np.isfinite(a.astype(np.float32)))) if a.dtype.kind == "f" or \
-        a.dtype == jnp.bfloat16 else 0
-    words = a.view(np.dtype(f"uint{a.dtype.itemsize * 8}")).astype(np.uint64).ravel()
-    weights = (2 * np.arange(words.size, dtype=np.uint64) + 1) % MOD32
-    return (int(words.sum() % MOD32), int(((words * weights) % MOD32).sum() % MOD32), non_finite)
+    words = [int(w) for w in a.view(np.dtype(f"uint{min(a.dtype.itemsize, 4) * 8}")).ravel()]
+    return (sum(words) % MOD32,
+            sum((2 * (i // row_words) + 1) * w for i, w in enumerate(words)) % MOD32)
 
 
 def test_fingerprint_matches_numpy_and_names_shapes_and_dtypes():
-    state = small_state()
+    state = {**small_state(), "long": jnp.asarray(np.random.default_rng(5).integers(-9, 9, 3000), jnp.int32)}
     fp = ckpt.fingerprint(state)
-    assert fp["version"] == 1 and len(fp["leaves"]) == len(state)
+    assert fp["version"] == 2 and len(fp["leaves"]) == len(state)
     for key, leaf in state.items():
         shape, dtype, *sums = fp["leaves"][f"['{key}']"]
         assert tuple(sums) == reference_sums(leaf), key
         assert tuple(shape) == leaf.shape and dtype == str(leaf.dtype)
 
 
+def test_host_and_device_checksums_agree(monkeypatch):
+    """numpy takes them for arrays in host memory, a jitted pass elsewhere: one definition."""
+    state = {**small_state(4), "long": jnp.asarray(np.random.default_rng(6).integers(0, 2**31, 5000), jnp.int32)}
+    on_host = ckpt.fingerprint(state)
+    monkeypatch.setattr(ckpt, "_in_host_memory", lambda x: False)
+    assert ckpt.fingerprint(state) == on_host
+    poisoned = {**state, "w": state["w"].at[1, 1].set(jnp.nan), "half": state["half"].at[0].set(jnp.inf)}
+    assert ckpt.non_finite_leaves(poisoned) == {"['w']": 1, "['half']": 1}
+    with jax.enable_x64(True):  # 64-bit values: two words each, the low one first, on both paths
+        wide = {"f64": jnp.asarray(np.random.default_rng(8).standard_normal(1500)),
+                "i64": jnp.arange(-700, 1800, dtype=jnp.int64)}
+        on_device = ckpt.fingerprint(wide)
+        monkeypatch.undo()
+        assert ckpt.fingerprint(wide) == on_device
+        assert tuple(on_device["leaves"]["['f64']"][2:]) == reference_sums(wide["f64"])
+
+
 @pytest.mark.parametrize("key", ["w", "half", "fp16", "count", "bytes", "flags"])
-def test_one_flipped_bit_or_two_swapped_words_change_the_sums(key):
+def test_one_flipped_bit_changes_both_sums(key):
     state = small_state()
-    before = ckpt.fingerprint(state)["leaves"][f"['{key}']"][2:4]
-    a = np.array(state[key])
-    raw = a.view(np.uint8).reshape(-1)
-    raw[3] ^= 0x01 if key != "flags" else 0x00
+    before = ckpt.fingerprint(state)["leaves"][f"['{key}']"][2:]
+    a = np.array(state[key]).reshape(-1)
     if key == "flags":  # a bool is 0 or 1: flip the value itself
-        a.reshape(-1)[3] = ~a.reshape(-1)[3]
-    flipped = ckpt.fingerprint({**state, key: jnp.asarray(a)})["leaves"][f"['{key}']"][2:4]
+        a[3] = ~a[3]
+    else:
+        a.view(np.uint8)[3 * a.itemsize] ^= 0x01
+    flipped = ckpt.fingerprint({**state, key: jnp.asarray(a.reshape(state[key].shape))})["leaves"][f"['{key}']"][2:]
     assert flipped[0] != before[0] and flipped[1] != before[1]
-    b = np.array(state[key]).reshape(-1)
-    i, j = 0, next(k for k in range(1, b.size) if b[k] != b[0])
-    b[[i, j]] = b[[j, i]]
-    swapped = ckpt.fingerprint({**state, key: jnp.asarray(b.reshape(state[key].shape))})["leaves"][f"['{key}']"]
-    assert swapped[2] == before[0] and swapped[3] != before[1]  # same words, other places
+
+
+def test_words_moved_to_another_row_change_the_weighted_sum():
+    w = np.random.default_rng(7).standard_normal(3000).astype(np.float32)
+    before = ckpt.fingerprint({"w": jnp.asarray(w)})["leaves"]["['w']"][2:]
+    w[[5, 2500]] = w[[2500, 5]]
+    after = ckpt.fingerprint({"w": jnp.asarray(w)})["leaves"]["['w']"][2:]
+    assert after[0] == before[0] and after[1] != before[1]
 
 
 def test_fingerprint_does_not_depend_on_the_sharding():
@@ -82,7 +101,11 @@ def test_fingerprint_does_not_depend_on_the_sharding():
     sharded = {**state, "w": jax.device_put(state["w"], NamedSharding(mesh, PartitionSpec("data", "fsdp"))),
                "half": jax.device_put(state["half"], NamedSharding(mesh, PartitionSpec("data")))}
     assert len(sharded["w"].sharding.device_set) == 8
-    assert ckpt.fingerprint(sharded) == ckpt.fingerprint(state)
+    single = ckpt.fingerprint(state)
+    assert ckpt.fingerprint(sharded) == single
+    with pytest.MonkeyPatch.context() as patch:  # the jitted pass over the sharded arrays
+        patch.setattr(ckpt, "_in_host_memory", lambda x: False)
+        assert ckpt.fingerprint(sharded) == single
 
 
 def test_save_refuses_non_finite_state_and_writes_nothing(tmp_path):

@@ -24,6 +24,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 
@@ -311,7 +312,8 @@ def test_main_with_a_huge_learning_rate_writes_no_non_finite_checkpoint(model_di
     assert all(r["skipped"] >= 1 for r in read_jsonl(str(workdir / "metrics.jsonl")))
     empty_history = fingerprint(loss_state_init(mini_config()).entropy_history)["leaves"]
     for step in ("1", "2"):
+        saved = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / step / "state")
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved) if np.issubdtype(x.dtype, np.floating))
         recorded = meta_of(workdir / "checkpoints" / step)["fingerprint"]["leaves"]
-        assert all(values[4] == 0 for values in recorded.values())  # no leaf holds NaN or inf
         for path, values in empty_history.items():  # the history is still the empty one
-            assert recorded[".loss_state.entropy_history" + path][2:4] == values[2:4], path
+            assert recorded[".loss_state.entropy_history" + path][2:] == values[2:], path
