@@ -224,7 +224,7 @@ def _check_compatible(saved: dict[str, list], target: Any, where: str) -> None:
 
 
 def _check_fingerprint(saved: dict[str, list], restored: dict[str, list]) -> None:
-    bad = [path for path, values in saved.items() if restored[path][2:4] != values[2:4]]
+    bad = [path for path, values in saved.items() if restored[path][2:] != values[2:]]
     if bad:
         raise CheckpointError(f"its data does not match the fingerprint written with it "
                               f"({len(bad)} of {len(saved)} leaves differ: {_listing(bad)})")
@@ -424,6 +424,10 @@ class Checkpointer:
             logging.warning("%s has no fingerprint (written by an older version); restoring it unverified", where)
         else:
             _check_compatible({p: v[:2] for p, v in saved_fp["leaves"].items()}, abstract_state, where)
+            if saved_fp.get("version") != _FINGERPRINT_VERSION:
+                logging.warning("%s has a fingerprint of another version (%s, this one computes %d); "
+                                "restoring it unverified", where, saved_fp.get("version"), _FINGERPRINT_VERSION)
+                saved_fp = None
         _silence_abandoned_reads()  # some echoes of a failing read come before orbax raises
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(

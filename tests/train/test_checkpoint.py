@@ -196,6 +196,21 @@ def test_checkpoint_without_fingerprint_restores_with_a_warning(tmp_path, caplog
     assert any("has no fingerprint" in r.getMessage() for r in caplog.records)
 
 
+def test_fingerprint_of_another_version_restores_unverified_with_a_warning(tmp_path, caplog):
+    checkpointer = ckpt.Checkpointer(str(tmp_path), async_save=False)
+    checkpointer.save(1, small_state(1), {"step": 1})
+    meta_file = tmp_path / "checkpoints" / "1" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["fingerprint"]["version"] = 1
+    meta["fingerprint"]["leaves"]["['w']"][2] += 1  # what version 1 computed differs
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING):
+        restored, _ = checkpointer.restore(small_state())
+    checkpointer.close()
+    assert int(restored["step"]) == 1 and os.listdir(tmp_path / "checkpoints") == ["1"]
+    assert any("fingerprint of another version (1" in r.getMessage() for r in caplog.records)
+
+
 # --- The config check before a resume ------------------------------------------------------
 
 def run_config(workdir) -> ml_collections.ConfigDict:
