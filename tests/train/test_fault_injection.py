@@ -103,15 +103,11 @@ def saved_states(model_dir, tmp_path_factory):
     return workdir, states
 
 
-def remove(path: str) -> None:
-    os.remove(path)
-
-
 FAULTS = {
     "flipped_bytes": lambda ckpt: flip_bytes(largest_data_file(ckpt)),
     "truncated_file": lambda ckpt: os.truncate(largest_data_file(ckpt), os.path.getsize(largest_data_file(ckpt)) // 2),
-    "missing_METADATA": lambda ckpt: remove(os.path.join(ckpt, "state", "_METADATA")),
-    "missing_manifest": lambda ckpt: remove(os.path.join(ckpt, "state", "manifest.ocdbt")),
+    "missing_METADATA": lambda ckpt: os.remove(os.path.join(ckpt, "state", "_METADATA")),
+    "missing_manifest": lambda ckpt: os.remove(os.path.join(ckpt, "state", "manifest.ocdbt")),
     "unreadable_meta": lambda ckpt: pathlib.Path(ckpt, "meta", "metadata").write_text('{"step": 2, "cur'),
 }
 
