@@ -109,9 +109,8 @@ def prompt_token_ids(tokenizer, config, info: Mapping[str, Any], observation: st
     to their last `rollout.max_prompt_len` tokens (the observation and the reply cue are at the
     end). Anything trained on the rollout's prompts (a supervised start) renders them here."""
     env_cfg = config.env
-    text = prompts_lib.build_prompt(tokenizer, env_cfg.name, info, observation, history,
+    ids = prompts_lib.encode_prompt(tokenizer, env_cfg.name, info, observation, history,
                                     history_length=env_cfg.history_length, show_actions=env_cfg.show_actions)
-    ids = tokenizer.encode(text, add_special_tokens=False)
     max_prompt_len = int(config.rollout.max_prompt_len)
     truncated = len(ids) > max_prompt_len
     return np.asarray(ids[-max_prompt_len:] if truncated else ids, np.int32), truncated
