@@ -12,6 +12,9 @@ import jax.numpy as jnp
 
 from epo_jax.algo.aggregation import masked_mean, safe_divide
 
+# algo.advantage: PPO with GAE on a critic, or a critic-free group method.
+ADVANTAGE_ESTIMATORS = ("ppo_gae", "grpo", "drgrpo", "rloo", "gigpo")
+
 _GROUP_EPS = 1e-6
 _WHITEN_EPS = 1e-8
 

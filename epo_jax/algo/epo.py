@@ -8,13 +8,54 @@ arXiv 2509.22576 (v2), Eq. 2-6; docs/algorithms.md section 1. Two variants:
          with no gradient, a per-turn-index history that includes the current step, and a
          hand-made weight curve over 150 epochs.
 """
+import dataclasses
 from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from epo_jax.algo.aggregation import safe_divide
+from epo_jax.algo.aggregation import aggregate_loss, masked_mean, safe_divide
+
+EPO_MODES = ("paper", "code")
+BETA_SCHEDULES = ("phase", "constant")
+# epo.entropy_agg -> aggregate_loss mode: "trajectory" is Eq. 2, "token" the official code's token mean.
+ENTROPY_AGGREGATIONS = {"trajectory": "trajectory", "token": "token-mean"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EpoSettings:
+    """The static values of EPO's entropy term (`config.epo`, configs/base.py), read once.
+
+    `epo_jax.config.validate` checks them; nothing here checks them again.
+    """
+
+    mode: str                # EPO_MODES
+    lam: float               # lambda of Eq. 6
+    kappa_l: float           # corridor [kappa_l, kappa_r] x reference (Eq. 3)
+    kappa_r: float
+    gamma: float             # phase-weight decay (Eq. 5)
+    alpha: float             # smoothing penalty scale
+    smoothing: bool          # False: EPO-Base
+    beta_schedule: str       # BETA_SCHEDULES
+    entropy_agg: str         # a key of ENTROPY_AGGREGATIONS
+    code_turn_gate: int      # code mode: smooth only micro-batches holding a turn >= gate
+    code_total_epochs: int   # code mode: length E of the weight curve
+    max_turns: int           # slots of the per-turn-index history
+    total_steps: int         # K, `train.total_steps`
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "EpoSettings":
+        """Reads `config.epo` and `config.train.total_steps`."""
+        epo = config.epo
+        return cls(
+            mode=epo.mode, lam=float(epo.lam), kappa_l=float(epo.kappa_l), kappa_r=float(epo.kappa_r),
+            gamma=float(epo.gamma), alpha=float(epo.alpha), smoothing=bool(epo.smoothing),
+            beta_schedule=epo.beta_schedule, entropy_agg=epo.entropy_agg,
+            code_turn_gate=int(epo.code_turn_gate), code_total_epochs=int(epo.code_total_epochs),
+            max_turns=int(epo.max_turns), total_steps=int(config.train.total_steps),
+        )
 
 
 def phase_weight(step: jax.Array | int, total_steps: int, gamma: float) -> jax.Array:
@@ -177,3 +218,129 @@ def entropy_history_turn_reference(state: EntropyHistoryState, current: EntropyS
     total_M = state.turn_mean_sum_M + jnp.where(current_present_M, current_mean_M, 0.0)
     count_M = state.turn_num_steps_M.astype(jnp.float32) + current_present_M.astype(jnp.float32)
     return safe_divide(total_M, count_M)
+
+
+class EpoTerms(NamedTuple):
+    """EPO's entropy term and its parts (float32 scalars), as the loss reports them."""
+
+    term: jax.Array               # -lambda * (L_H - beta * L_smooth), added to the loss
+    entropy_loss: jax.Array       # L_H
+    smooth_penalty: jax.Array     # L_smooth (0 when smoothing is off)
+    smooth_fraction: jax.Array    # fraction of valid tokens with a positive penalty
+    beta: jax.Array               # beta_k (code mode: the weight curve)
+    entropy_reference: jax.Array  # Hbar_W (code mode: token mean of the per-turn references)
+
+
+def trajectory_entropy(values_BxT: jax.Array, mask_BxT: jax.Array, traj_id_B: jax.Array) -> jax.Array:
+    """EPO Eq. 2: L_H = 1/|B| sum_traj 1/|T_traj| sum_{turns t} 1/|y_t| sum_{tokens} H.
+
+    Tokens -> turn -> trajectory -> batch, each a mean (`aggregate_loss(mode="trajectory")`);
+    L_smooth applies the same aggregation to alpha * P (Eq. 3).
+    """
+    return aggregate_loss(values_BxT, mask_BxT, "trajectory", traj_id_B)
+
+
+def _aggregate_like_entropy(values_BxT, mask_BxT, traj_id_B, entropy_agg: str) -> jax.Array:
+    """L_H's aggregation: Eq. 2 for "trajectory", the official code's token mean for "token"."""
+    if entropy_agg == "trajectory":
+        return trajectory_entropy(values_BxT, mask_BxT, traj_id_B)
+    return aggregate_loss(values_BxT, mask_BxT, ENTROPY_AGGREGATIONS[entropy_agg], traj_id_B)
+
+
+def history_smoothing_penalty(
+    entropy_BxT: jax.Array, history: EntropyHistoryState, kappa_l: float, kappa_r: float, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+    """EPO Eq. 3-4: alpha * P(H; Hbar_W) per token with Hbar_W = mean(W_k), and Hbar_W itself.
+
+    W_0 is empty, so there is no penalty at step 0 (the reference is 0 then).
+    """
+    reference = entropy_history_reference(history)
+    active = (history.num_steps > 0).astype(jnp.float32)
+    return alpha * active * smoothing_penalty(entropy_BxT, reference, kappa_l, kappa_r), reference
+
+
+def _smoothing_terms(settings: EpoSettings, penalty_BxT, mask_BxT, traj_id_B) -> tuple[jax.Array, jax.Array]:
+    """(L_smooth, fraction of penalised tokens); both 0 for EPO-Base (`epo.smoothing=False`)."""
+    if not settings.smoothing:
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    smooth_loss = _aggregate_like_entropy(penalty_BxT, mask_BxT, traj_id_B, settings.entropy_agg)
+    return smooth_loss, masked_mean((penalty_BxT > 0).astype(jnp.float32), mask_BxT)
+
+
+def paper_regularizer(
+    settings: EpoSettings,
+    entropy_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    traj_id_B: jax.Array,
+    history: EntropyHistoryState,
+    step: jax.Array,
+) -> EpoTerms:
+    """EPO Eq. 6's entropy term: -lambda * (L_H - beta_k * L_smooth).
+
+    L_H from Eq. 2 (`trajectory_entropy`, or a token mean with `epo.entropy_agg="token"`),
+    L_smooth the same aggregation of `history_smoothing_penalty` (Eq. 3-4), beta_k the phase
+    weight (Eq. 5; 1 with `epo.beta_schedule="constant"`).
+    """
+    entropy_loss = _aggregate_like_entropy(entropy_BxT, mask_BxT, traj_id_B, settings.entropy_agg)
+    penalty_BxT, reference = history_smoothing_penalty(
+        entropy_BxT, history, settings.kappa_l, settings.kappa_r, settings.alpha
+    )
+    if settings.beta_schedule == "constant":
+        beta = jnp.ones((), jnp.float32)
+    else:
+        beta = phase_weight(step, settings.total_steps, settings.gamma)
+    smooth_loss, smooth_fraction = _smoothing_terms(settings, penalty_BxT, mask_BxT, traj_id_B)
+    term = -settings.lam * (entropy_loss - beta * smooth_loss)
+    return EpoTerms(term, entropy_loss, smooth_loss, smooth_fraction, beta, reference)
+
+
+def code_regularizer(
+    settings: EpoSettings,
+    entropy_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    traj_id_B: jax.Array,
+    turn_index_B: jax.Array,
+    history: EntropyHistoryState,
+    step: jax.Array,
+    current: EntropySums,
+) -> EpoTerms:
+    """The official code's entropy term (`update_policy` of its dp_actor.py, docs/algorithms.md section 1):
+
+      -lambda * (L_H - w_e * agg(M)),  M = `code_smoothing_penalty` {0, alpha} per token against
+      the per-turn-index reference of the token's turn (`entropy_history_turn_reference`, which
+      includes `current`, this step's sums), w_e = `code_phase_weight` (1 with beta_schedule="constant").
+    M is 0 for a micro-batch holding no valid row of turn index >= `epo.code_turn_gate`.
+    """
+    entropy_loss = _aggregate_like_entropy(entropy_BxT, mask_BxT, traj_id_B, settings.entropy_agg)
+    reference_M = entropy_history_turn_reference(history, current)
+    reference_B = reference_M[jnp.clip(turn_index_B, 0, settings.max_turns - 1)]
+    reference = masked_mean(jnp.broadcast_to(reference_B[:, None], mask_BxT.shape), mask_BxT)
+    row_valid_B = jnp.sum(mask_BxT, axis=-1) > 0
+    # The official code smooths only micro-batches holding a late turn.
+    active = jnp.any((turn_index_B >= settings.code_turn_gate) & row_valid_B).astype(jnp.float32)
+    penalty_BxT = active * code_smoothing_penalty(
+        entropy_BxT, reference_B[:, None], settings.kappa_l, settings.kappa_r, settings.alpha
+    )
+    if settings.beta_schedule == "constant":
+        beta = jnp.ones((), jnp.float32)
+    else:
+        beta = code_phase_weight(step, settings.code_total_epochs, settings.gamma)
+    smooth_loss, smooth_fraction = _smoothing_terms(settings, penalty_BxT, mask_BxT, traj_id_B)
+    term = -settings.lam * (entropy_loss - beta * smooth_loss)
+    return EpoTerms(term, entropy_loss, smooth_loss, smooth_fraction, beta, reference)
+
+
+def epo_regularizer(
+    settings: EpoSettings,
+    entropy_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    traj_id_B: jax.Array,
+    turn_index_B: jax.Array,
+    history: EntropyHistoryState,
+    step: jax.Array,
+    current: EntropySums,
+) -> EpoTerms:
+    """EPO's entropy term of `epo.mode`: `paper_regularizer` or `code_regularizer`."""
+    if settings.mode == "paper":
+        return paper_regularizer(settings, entropy_BxT, mask_BxT, traj_id_B, history, step)
+    return code_regularizer(settings, entropy_BxT, mask_BxT, traj_id_B, turn_index_B, history, step, current)

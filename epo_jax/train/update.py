@@ -14,12 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from epo_jax.algo import (LossState, entropy_sums_from_metrics, loss_state_init, loss_state_update,
-                          make_loss_fn)
+from epo_jax.algo import EntropySums, LossSettings, LossState, loss_state_init, loss_state_update, make_loss_fn
 from epo_jax.train import sharding
-
-# Metrics that are sums over micro-batches (the rest are averaged).
-_SUMMED = ("entropy_sum", "token_count", "turn_entropy_sum", "turn_token_count")
 
 
 class TrainState(NamedTuple):
@@ -44,7 +40,7 @@ def init_train_state(config, params: Any, optimizer: optax.GradientTransformatio
         lambda x: (x if x.committed else jax.device_put(x, x.sharding))
         if len(x.sharding.device_set) == mesh.size else sharding.put(x, replicated), opt_state)
     return TrainState(params=params, opt_state=opt_state,
-                      loss_state=sharding.put(loss_state_init(config), replicated),
+                      loss_state=sharding.put(loss_state_init(LossSettings.from_config(config)), replicated),
                       rng=sharding.put(jax.random.key(config.seed), replicated))
 
 
@@ -61,7 +57,7 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
     minibatch) x algo.micro_batch_size; the micro-batch count follows from B, so each row count
     compiles once. Rows past the real samples are padding with an all-zero response_mask.
     """
-    loss_fn = make_loss_fn(config, forward_fn)
+    loss_fn = make_loss_fn(LossSettings.from_config(config), forward_fn)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     epochs = int(config.algo.ppo_epochs)
     num_minibatches = int(config.algo.num_minibatches)
@@ -77,11 +73,11 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
         params, opt_state, loss_state = carry
 
         def micro_step(grads_acc, micro_batch):
-            (_, metrics), grads = grad_fn(params, micro_batch, loss_state)
-            return jax.tree.map(jnp.add, grads_acc, grads), metrics
+            (_, (metrics, sums)), grads = grad_fn(params, micro_batch, loss_state)
+            return jax.tree.map(jnp.add, grads_acc, grads), (metrics, sums)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, metrics = jax.lax.scan(micro_step, zeros, minibatch)
+        grads, (metrics, sums) = jax.lax.scan(micro_step, zeros, minibatch)
         # Mean over the micro-batches that hold samples: all-padding ones (the row count is
         # rounded up to few shapes) must not dilute the gradient.
         filled = jnp.sum(jnp.any(minibatch["response_mask"] > 0, axis=(1, 2)))
@@ -92,10 +88,10 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
         new_params = optax.apply_updates(params, updates)
         params = _tree_where(finite, new_params, params)
         opt_state = _tree_where(finite, new_opt_state, opt_state)
-        metrics = {k: (jnp.sum(v, 0) if k in _SUMMED else jnp.mean(v, 0)) for k, v in metrics.items()}
+        metrics = {k: jnp.mean(v, 0) for k, v in metrics.items()}
         metrics["grad_norm"] = grad_norm
         metrics["skipped"] = (~finite).astype(jnp.float32)
-        return (params, opt_state, loss_state), metrics
+        return (params, opt_state, loss_state), (metrics, jax.tree.map(lambda x: jnp.sum(x, 0), sums))
 
     def update(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         rng, shuffle_rng = jax.random.split(state.rng)
@@ -116,14 +112,15 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
             return jax.lax.scan(minibatch_step, carry, shaped)
 
         carry = (state.params, state.opt_state, state.loss_state)
-        (params, opt_state, loss_state), metrics = jax.lax.scan(
+        (params, opt_state, loss_state), (metrics, sums) = jax.lax.scan(
             epoch_step, carry, jax.random.split(shuffle_rng, epochs))
-        # metrics: [epochs, minibatches, ...]. The history takes the first epoch's entropy.
-        first_epoch = {k: jnp.sum(metrics[k][0], 0) for k in _SUMMED}
-        new_loss_state = loss_state_update(loss_state, entropy_sums_from_metrics(first_epoch))
-        out = {k: jnp.mean(v) for k, v in metrics.items() if k not in _SUMMED}
+        # metrics and sums: [epochs, minibatches, ...]. The history takes the first epoch's entropy.
+        first_epoch: EntropySums = jax.tree.map(lambda x: jnp.sum(x[0], 0), sums)
+        new_loss_state = loss_state_update(loss_state, first_epoch)
+        out = {k: jnp.mean(v) for k, v in metrics.items()}
         out["skipped"] = jnp.sum(metrics["skipped"])
-        out.update(first_epoch)
+        out.update(entropy_sum=first_epoch.entropy_sum, token_count=first_epoch.token_count,
+                   turn_entropy_sum=first_epoch.turn_entropy_sum_M, turn_token_count=first_epoch.turn_token_count_M)
         return TrainState(params, opt_state, new_loss_state, rng), out
 
     return update
