@@ -8,12 +8,17 @@ advantages:   GAE, GRPO / Dr.GRPO, RLOO, GiGPO, whitening
 epo:          trajectory entropy (Eq. 2), smoothing penalty (Eq. 3-4), phase weight (Eq. 5), the
               paper's regulariser (Eq. 6) and the official code's, the entropy history
 loss:         make_loss_fn(LossSettings.from_config(config), forward_fn) -> loss_fn(params, batch, state)
-The tuples of allowed config values (ADVANTAGE_ESTIMATORS, ENTROPY_CONTROLS, LOSS_AGG_MODES,
-KL_ESTIMATORS, EPO_MODES, BETA_SCHEDULES, ENTROPY_AGGREGATIONS) live beside the code that uses them.
+The tuples of allowed config values live beside the code that uses them: ADVANTAGE_ESTIMATORS,
+GROUP_COUNTS, GIGPO_MODES, GIGPO_STEP_PENALTIES (advantages), ENTROPY_CONTROLS (loss),
+LOSS_AGG_MODES (aggregation), KL_ESTIMATORS (ppo), EPO_MODES, BETA_SCHEDULES, ENTROPY_AGGREGATIONS,
+CODE_MASK_MODES (epo).
 Formulas and sources: each function's docstring (papers cited there).
 """
 from epo_jax.algo.advantages import (
     ADVANTAGE_ESTIMATORS,
+    GIGPO_MODES,
+    GIGPO_STEP_PENALTIES,
+    GROUP_COUNTS,
     expand_to_tokens,
     gae_advantages,
     gigpo_advantages,
@@ -42,6 +47,7 @@ from epo_jax.algo.entropy_control import (
 )
 from epo_jax.algo.epo import (
     BETA_SCHEDULES,
+    CODE_MASK_MODES,
     ENTROPY_AGGREGATIONS,
     EPO_MODES,
     EntropyHistoryState,
@@ -97,6 +103,7 @@ __all__ = [
     "clamped_log_ratio",
     "clip_cov_token_losses",
     "ClipCovTerms",
+    "CODE_MASK_MODES",
     "code_phase_weight",
     "code_regularizer",
     "code_smoothing_penalty",
@@ -123,6 +130,9 @@ __all__ = [
     "fraction_count",
     "gae_advantages",
     "gigpo_advantages",
+    "GIGPO_MODES",
+    "GIGPO_STEP_PENALTIES",
+    "GROUP_COUNTS",
     "grpo_advantages",
     "history_smoothing_penalty",
     "kl_cov_token_losses",

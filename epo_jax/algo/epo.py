@@ -22,6 +22,9 @@ EPO_MODES = ("paper", "code")
 BETA_SCHEDULES = ("phase", "constant")
 # epo.entropy_agg -> aggregate_loss mode: "trajectory" is Eq. 2, "token" the official code's token mean.
 ENTROPY_AGGREGATIONS = {"trajectory": "trajectory", "token": "token-mean"}
+# epo.code_mask_mode, the official entropy_smooth_mask_mode: code mode's indicator per token
+# ("token") or one per turn sample from its mean entropy ("seq").
+CODE_MASK_MODES = ("token", "seq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,8 @@ class EpoSettings:
     entropy_agg: str         # a key of ENTROPY_AGGREGATIONS
     code_turn_gate: int      # code mode: smooth only micro-batches holding a turn >= gate
     code_total_epochs: int   # code mode: length E of the weight curve
+    code_decay: float        # code mode: second-half decay rate of the weight curve
+    code_mask_mode: str      # code mode: CODE_MASK_MODES
     max_turns: int           # slots of the per-turn-index history
     total_steps: int         # K, `train.total_steps`
 
@@ -54,6 +59,7 @@ class EpoSettings:
             gamma=float(epo.gamma), alpha=float(epo.alpha), smoothing=bool(epo.smoothing),
             beta_schedule=epo.beta_schedule, entropy_agg=epo.entropy_agg,
             code_turn_gate=int(epo.code_turn_gate), code_total_epochs=int(epo.code_total_epochs),
+            code_decay=float(epo.code_decay), code_mask_mode=epo.code_mask_mode,
             max_turns=int(epo.max_turns), total_steps=int(config.train.total_steps),
         )
 
@@ -74,24 +80,25 @@ def phase_weight(step: jax.Array | int, total_steps: int, gamma: float) -> jax.A
     return 1.0 + jnp.exp(-gamma * jnp.asarray(step, jnp.float32) / mid_step)
 
 
-def code_phase_weight(step: jax.Array | int, total_epochs: int = 150, gamma: float = 3.0) -> jax.Array:
-    """The official code's smoothing weight curve (docs/algorithms.md section 1, "code" variant).
+def code_phase_weight(step: jax.Array | int, total_epochs: int = 150, decay: float = 3.0) -> jax.Array:
+    """The official code's smoothing weight curve (`_calculate_epoch_based_entropy_weight`;
+    docs/algorithms.md section 1, "code" variant).
 
     With h = floor(E / 2) and the epoch e clamped to [0, E]:
       e <= h:  w = 1 - 0.2 (1 - exp(-2 p)),  p = e / h          (1.0 -> ~0.83)
-      e >  h:  w = 0.8 exp(-gamma p),        p = (e - h) / (E - h)  (0.8 -> 0.8 e^-gamma)
+      e >  h:  w = 0.8 exp(-decay p),        p = (e - h) / (E - h)  (0.8 -> 0.8 e^-decay)
 
     Args:
       step: the 0-based RL step, the official trainer's epoch counter.
       total_epochs: E (`epo.code_total_epochs`, 150 in the official code).
-      gamma: second-half decay rate (3.0 in the official code).
+      decay: second-half decay rate (`epo.code_decay`; fixed at 3.0 in the official code).
     """
     if total_epochs < 2:
         raise ValueError(f"code_phase_weight needs epo.code_total_epochs >= 2, got {total_epochs}.")
     half = total_epochs // 2
     epoch = jnp.clip(jnp.asarray(step, jnp.float32), 0.0, float(total_epochs))
     first_half = 1.0 - 0.2 * (1.0 - jnp.exp(-2.0 * epoch / half))
-    second_half = 0.8 * jnp.exp(-gamma * (epoch - half) / (total_epochs - half))
+    second_half = 0.8 * jnp.exp(-decay * (epoch - half) / (total_epochs - half))
     return jnp.where(epoch <= half, first_half, second_half)
 
 
@@ -111,10 +118,12 @@ def smoothing_penalty(
 def code_smoothing_penalty(
     entropy: jax.Array, reference: jax.Array, kappa_l: float, kappa_r: float, alpha: float
 ) -> jax.Array:
-    """The official code's penalty: 0 if kappa_l Hbar < H < kappa_r Hbar (strict), else alpha.
+    """The official code's penalty (`generate_entropy_penalty`): 0 if kappa_l Hbar < H < kappa_r Hbar
+    (strict), else alpha.
 
     An indicator with no gradient (`stop_gradient`), so in code mode the smoothing term changes
-    the loss value but the gradient is that of the plain entropy bonus.
+    the loss value but the gradient is that of the plain entropy bonus. `entropy` is per token
+    (mask mode "token") or one value per turn sample (mode "seq", shape [B, 1]).
     """
     entropy = jax.lax.stop_gradient(entropy)
     inside = (entropy > kappa_l * reference) & (entropy < kappa_r * reference)
@@ -306,10 +315,12 @@ def code_regularizer(
 ) -> EpoTerms:
     """The official code's entropy term (`update_policy` of its dp_actor.py, docs/algorithms.md section 1):
 
-      -lambda * (L_H - w_e * agg(M)),  M = `code_smoothing_penalty` {0, alpha} per token against
-      the per-turn-index reference of the token's turn (`entropy_history_turn_reference`, which
+      -lambda * (L_H - w_e * agg(M)),  M = `code_smoothing_penalty` {0, alpha} against the
+      per-turn-index reference of the row's turn (`entropy_history_turn_reference`, which
       includes `current`, this step's sums), w_e = `code_phase_weight` (1 with beta_schedule="constant").
-    M is 0 for a micro-batch holding no valid row of turn index >= `epo.code_turn_gate`.
+    `epo.code_mask_mode="token"` judges each token's H; "seq" judges each turn sample's mean H over
+    its valid tokens and gives all of its tokens that one value. M is 0 for a micro-batch holding
+    no valid row of turn index >= `epo.code_turn_gate`.
     """
     entropy_loss = _aggregate_like_entropy(entropy_BxT, mask_BxT, traj_id_B, settings.entropy_agg)
     reference_M = entropy_history_turn_reference(history, current)
@@ -318,13 +329,17 @@ def code_regularizer(
     row_valid_B = jnp.sum(mask_BxT, axis=-1) > 0
     # The official code smooths only micro-batches holding a late turn.
     active = jnp.any((turn_index_B >= settings.code_turn_gate) & row_valid_B).astype(jnp.float32)
-    penalty_BxT = active * code_smoothing_penalty(
-        entropy_BxT, reference_B[:, None], settings.kappa_l, settings.kappa_r, settings.alpha
-    )
+    if settings.code_mask_mode == "seq":
+        judged_BxT = masked_mean(entropy_BxT, mask_BxT, axis=-1)[:, None]
+    else:
+        judged_BxT = entropy_BxT
+    penalty_BxT = active * jnp.broadcast_to(code_smoothing_penalty(
+        judged_BxT, reference_B[:, None], settings.kappa_l, settings.kappa_r, settings.alpha
+    ), mask_BxT.shape)
     if settings.beta_schedule == "constant":
         beta = jnp.ones((), jnp.float32)
     else:
-        beta = code_phase_weight(step, settings.code_total_epochs, settings.gamma)
+        beta = code_phase_weight(step, settings.code_total_epochs, settings.code_decay)
     smooth_loss, smooth_fraction = _smoothing_terms(settings, penalty_BxT, mask_BxT, traj_id_B)
     term = -settings.lam * (entropy_loss - beta * smooth_loss)
     return EpoTerms(term, entropy_loss, smooth_loss, smooth_fraction, beta, reference)

@@ -121,6 +121,7 @@ class LossSettings:
     clip_cov_ratio: float
     clip_cov_lb: float
     clip_cov_ub: float
+    clip_cov_dual_clip: bool  # False: verl's Clip-Cov, whose loss has no dual clip
     kl_cov_ratio: float
     kl_cov_coef: float
     top_entropy_fraction: float
@@ -147,6 +148,7 @@ class LossSettings:
             clip_cov_ratio=float(algo.clip_cov_ratio),
             clip_cov_lb=float(algo.clip_cov_lb),
             clip_cov_ub=float(algo.clip_cov_ub),
+            clip_cov_dual_clip=bool(algo.clip_cov_dual_clip),
             kl_cov_ratio=float(algo.kl_cov_ratio),
             kl_cov_coef=float(algo.kl_cov_coef),
             top_entropy_fraction=float(algo.top_entropy_fraction),
@@ -193,11 +195,11 @@ def _masked_extreme(values_BxT: jax.Array, mask_BxT: jax.Array, reduce: Callable
 
 
 def _ppo_terms(settings: LossSettings, inputs: LossInputs, advantages_BxT: jax.Array, *,
-               balanced_upper_clip: bool = False) -> PolicyLossTerms:
+               balanced_upper_clip: bool = False, dual_clip: bool = True) -> PolicyLossTerms:
     return ppo_token_losses(
         inputs.logprobs_BxT, inputs.old_logprobs_BxT, advantages_BxT,
-        clip_low=settings.clip_low, clip_high=settings.clip_high, dual_clip=settings.dual_clip,
-        balanced_upper_clip=balanced_upper_clip,
+        clip_low=settings.clip_low, clip_high=settings.clip_high,
+        dual_clip=settings.dual_clip if dual_clip else None, balanced_upper_clip=balanced_upper_clip,
     )
 
 
@@ -225,8 +227,12 @@ def _aepo_policy(settings: LossSettings, inputs: LossInputs, step: jax.Array) ->
 
 
 def _clip_cov_policy(settings: LossSettings, inputs: LossInputs, step: jax.Array) -> tuple[PolicyLossTerms, Metrics]:
-    """Clip-Cov: the PPO loss with the gradient of a few random covariance outliers removed."""
-    terms = _ppo_terms(settings, inputs, inputs.advantages_BxT)
+    """Clip-Cov: the PPO loss with the gradient of a few random covariance outliers removed.
+
+    As verl's `compute_policy_loss_clip_cov`, the loss is max(l1, l2) with no dual clip, unless
+    `algo.clip_cov_dual_clip` (then dual-clipped tokens are no candidates either).
+    """
+    terms = _ppo_terms(settings, inputs, inputs.advantages_BxT, dual_clip=settings.clip_cov_dual_clip)
     priority_BxT = token_priorities(settings.seed, step, inputs.traj_id_B, inputs.turn_index_B,
                                     inputs.mask_BxT.shape[1])
     clip_cov = clip_cov_token_losses(

@@ -219,20 +219,33 @@ def test_epo_base_and_constant_beta_and_token_aggregation(config):
     np.testing.assert_allclose(metrics["beta"], 1.0)
 
 
-def np_code_term(entropy, mask, gate_open, step, lam=0.3, alpha=0.5, kappa=(0.5, 1.3)):
-    """The official code: per-turn history including this step, indicator {0, alpha}, 150-epoch curve."""
+def np_code_weight(epoch, max_epochs=150):
+    """The official _calculate_epoch_based_entropy_weight (lambda_slow 2, lambda_fast 3)."""
+    epoch = max(0, min(epoch, max_epochs))
+    half = max_epochs // 2
+    if epoch <= half:
+        return 1.0 - 0.2 * (1 - math.exp(-2.0 * epoch / half))
+    return 0.8 * math.exp(-3.0 * (epoch - half) / (max_epochs - half))
+
+
+def np_code_term(entropy, mask, gate_open, step, lam=0.3, alpha=0.5, kappa=(0.5, 1.3), mask_mode="token"):
+    """The official code: per-turn history including this step, indicator {0, alpha} per token
+    (generate_entropy_penalty, mask_mode "token") or per turn sample from its mean entropy over its
+    valid tokens ("seq"), 150-epoch curve, token-mean aggregation."""
     past = np_past_turn_means()
     penalty = np.zeros_like(entropy)
     for b in range(entropy.shape[0]):
+        if mask[b].sum() == 0:
+            continue  # a padding row: masked out of every mean
         turn = TURN_INDEX[b]
         rows = (TURN_INDEX == turn)[:, None] & (mask > 0)
         current = entropy[rows].mean()
         reference = np.mean(past.get(turn, []) + [current])
-        inside = (entropy[b] > kappa[0] * reference) & (entropy[b] < kappa[1] * reference)
+        judged = entropy[b] if mask_mode == "token" else entropy[b][mask[b] > 0].mean()
+        inside = (judged > kappa[0] * reference) & (judged < kappa[1] * reference)
         penalty[b] = np.where(inside, 0.0, alpha)
-    weight = 1 - 0.2 * (1 - math.exp(-2 * step / 75))
     smooth = np_token_mean(penalty, mask) if gate_open else 0.0
-    return -lam * (np_token_mean(entropy, mask) - weight * smooth), smooth
+    return -lam * (np_token_mean(entropy, mask) - np_code_weight(step) * smooth), smooth, penalty
 
 
 def test_code_mode_matches_the_official_objective(config):
@@ -242,10 +255,45 @@ def test_code_mode_matches_the_official_objective(config):
     state = state_after_history(config)
     loss, metrics, _ = run(config, params, batch, state)
     _, entropy, mask, pg, kl_term = np_common_terms(params, batch)
-    term, smooth = np_code_term(entropy, mask, gate_open=True, step=2)
+    term, smooth, _ = np_code_term(entropy, mask, gate_open=True, step=2)
     assert smooth > 0
     np.testing.assert_allclose(loss, pg + term + kl_term, rtol=1e-5)
     np.testing.assert_allclose(metrics["smooth_penalty"], smooth, rtol=1e-5)
+
+
+def test_code_mode_seq_mask_judges_each_turn_sample_by_its_mean_entropy(config):
+    """entropy_smooth_mask_mode="seq": one indicator per row from the row's mean entropy over its
+    valid tokens, given to all of its tokens. Masked positions hold entropies of their own (the toy
+    model computes them), and row 4 is all padding: neither may move a row's mean."""
+    config.epo.mode = "code"
+    config.epo.entropy_agg = "token"
+    config.epo.code_mask_mode = "seq"
+    mask = np.asarray(make_batch()["response_mask"]).copy()
+    mask[4] = 0.0
+    params, batch = make_params(), make_batch(mask=mask)
+    loss, metrics, _ = run(config, params, batch, state_after_history(config))
+    _, entropy, mask, pg, kl_term = np_common_terms(params, batch)
+    term, smooth, penalty = np_code_term(entropy, mask, gate_open=True, step=2, mask_mode="seq")
+    token_term, _, token_penalty = np_code_term(entropy, mask, gate_open=True, step=2)
+    rows = mask.sum(-1) > 0
+    assert np.all(penalty[rows] == penalty[rows][:, :1]), "one value per turn sample"
+    assert 0.0 < smooth < 0.5, "some rows inside the corridor, some outside"
+    assert not np.array_equal(penalty * mask, token_penalty * mask), "seq and token differ on this batch"
+    np.testing.assert_allclose(loss, pg + term + kl_term, rtol=1e-5)
+    np.testing.assert_allclose(metrics["smooth_penalty"], smooth, rtol=1e-5)
+
+
+def test_code_mode_weight_curve_has_its_own_decay(config):
+    """The second half of the official curve decays with 3.0 whatever epo.gamma (the paper's beta)."""
+    config.epo.mode = "code"
+    config.epo.gamma = 7.0
+    params, batch = make_params(), make_batch()
+    state = state_after_history(config)._replace(step=jnp.asarray(120, jnp.int32))
+    _, metrics, _ = run(config, params, batch, state)
+    np.testing.assert_allclose(metrics["beta"], np_code_weight(120), rtol=1e-6)
+    config.epo.code_decay = 1.0
+    _, metrics, _ = run(config, params, batch, state)
+    np.testing.assert_allclose(metrics["beta"], 0.8 * math.exp(-1.0 * 45 / 75), rtol=1e-6)
 
 
 def test_code_mode_turn_gate_closed(config):
@@ -255,7 +303,7 @@ def test_code_mode_turn_gate_closed(config):
     params, batch = make_params(), make_batch()
     loss, metrics, _ = run(config, params, batch, state_after_history(config))
     _, entropy, mask, pg, kl_term = np_common_terms(params, batch)
-    term, _ = np_code_term(entropy, mask, gate_open=False, step=2)
+    term, _, _ = np_code_term(entropy, mask, gate_open=False, step=2)
     np.testing.assert_allclose(loss, pg + term + kl_term, rtol=1e-5)
     np.testing.assert_allclose(metrics["smooth_penalty"], 0.0)
 
