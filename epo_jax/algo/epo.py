@@ -9,7 +9,7 @@ arXiv 2509.22576 (v2), Eq. 2-6; docs/algorithms.md section 1. Two variants:
          hand-made weight curve over 150 epochs.
 """
 import dataclasses
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import chex
 import jax
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from epo_jax.algo.aggregation import aggregate_loss, masked_mean, safe_divide
+from epo_jax.algo.settings import from_section
 
 EPO_MODES = ("paper", "code")
 BETA_SCHEDULES = ("phase", "constant")
@@ -53,15 +54,7 @@ class EpoSettings:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "EpoSettings":
         """Reads `config.epo` and `config.train.total_steps`."""
-        epo = config.epo
-        return cls(
-            mode=epo.mode, lam=float(epo.lam), kappa_l=float(epo.kappa_l), kappa_r=float(epo.kappa_r),
-            gamma=float(epo.gamma), alpha=float(epo.alpha), smoothing=bool(epo.smoothing),
-            beta_schedule=epo.beta_schedule, entropy_agg=epo.entropy_agg,
-            code_turn_gate=int(epo.code_turn_gate), code_total_epochs=int(epo.code_total_epochs),
-            code_decay=float(epo.code_decay), code_mask_mode=epo.code_mask_mode,
-            max_turns=int(epo.max_turns), total_steps=int(config.train.total_steps),
-        )
+        return from_section(cls, config.epo, total_steps=int(config.train.total_steps))
 
 
 def phase_weight(step: jax.Array | int, total_steps: int, gamma: float) -> jax.Array:
@@ -268,12 +261,19 @@ def history_smoothing_penalty(
     return alpha * active * smoothing_penalty(entropy_BxT, reference, kappa_l, kappa_r), reference
 
 
-def _smoothing_terms(settings: EpoSettings, penalty_BxT, mask_BxT, traj_id_B) -> tuple[jax.Array, jax.Array]:
-    """(L_smooth, fraction of penalised tokens); both 0 for EPO-Base (`epo.smoothing=False`)."""
-    if not settings.smoothing:
-        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-    smooth_loss = _aggregate_like_entropy(penalty_BxT, mask_BxT, traj_id_B, settings.entropy_agg)
-    return smooth_loss, masked_mean((penalty_BxT > 0).astype(jnp.float32), mask_BxT)
+def _combine(settings: EpoSettings, entropy_loss, penalty_BxT, mask_BxT, traj_id_B, reference,
+             scheduled_weight: Callable[[], jax.Array]) -> EpoTerms:
+    """-lambda * (L_H - beta * L_smooth) from L_H and the per-token penalty, with beta the
+    schedule's weight (1 for `epo.beta_schedule="constant"`) and L_smooth = 0 for EPO-Base
+    (`epo.smoothing=False`)."""
+    beta = jnp.ones((), jnp.float32) if settings.beta_schedule == "constant" else scheduled_weight()
+    if settings.smoothing:
+        smooth_loss = _aggregate_like_entropy(penalty_BxT, mask_BxT, traj_id_B, settings.entropy_agg)
+        smooth_fraction = masked_mean((penalty_BxT > 0).astype(jnp.float32), mask_BxT)
+    else:
+        smooth_loss = smooth_fraction = jnp.zeros((), jnp.float32)
+    term = -settings.lam * (entropy_loss - beta * smooth_loss)
+    return EpoTerms(term, entropy_loss, smooth_loss, smooth_fraction, beta, reference)
 
 
 def paper_regularizer(
@@ -294,13 +294,8 @@ def paper_regularizer(
     penalty_BxT, reference = history_smoothing_penalty(
         entropy_BxT, history, settings.kappa_l, settings.kappa_r, settings.alpha
     )
-    if settings.beta_schedule == "constant":
-        beta = jnp.ones((), jnp.float32)
-    else:
-        beta = phase_weight(step, settings.total_steps, settings.gamma)
-    smooth_loss, smooth_fraction = _smoothing_terms(settings, penalty_BxT, mask_BxT, traj_id_B)
-    term = -settings.lam * (entropy_loss - beta * smooth_loss)
-    return EpoTerms(term, entropy_loss, smooth_loss, smooth_fraction, beta, reference)
+    return _combine(settings, entropy_loss, penalty_BxT, mask_BxT, traj_id_B, reference,
+                    lambda: phase_weight(step, settings.total_steps, settings.gamma))
 
 
 def code_regularizer(
@@ -336,26 +331,6 @@ def code_regularizer(
     penalty_BxT = active * jnp.broadcast_to(code_smoothing_penalty(
         judged_BxT, reference_B[:, None], settings.kappa_l, settings.kappa_r, settings.alpha
     ), mask_BxT.shape)
-    if settings.beta_schedule == "constant":
-        beta = jnp.ones((), jnp.float32)
-    else:
-        beta = code_phase_weight(step, settings.code_total_epochs, settings.code_decay)
-    smooth_loss, smooth_fraction = _smoothing_terms(settings, penalty_BxT, mask_BxT, traj_id_B)
-    term = -settings.lam * (entropy_loss - beta * smooth_loss)
-    return EpoTerms(term, entropy_loss, smooth_loss, smooth_fraction, beta, reference)
+    return _combine(settings, entropy_loss, penalty_BxT, mask_BxT, traj_id_B, reference,
+                    lambda: code_phase_weight(step, settings.code_total_epochs, settings.code_decay))
 
-
-def epo_regularizer(
-    settings: EpoSettings,
-    entropy_BxT: jax.Array,
-    mask_BxT: jax.Array,
-    traj_id_B: jax.Array,
-    turn_index_B: jax.Array,
-    history: EntropyHistoryState,
-    step: jax.Array,
-    current: EntropySums,
-) -> EpoTerms:
-    """EPO's entropy term of `epo.mode`: `paper_regularizer` or `code_regularizer`."""
-    if settings.mode == "paper":
-        return paper_regularizer(settings, entropy_BxT, mask_BxT, traj_id_B, history, step)
-    return code_regularizer(settings, entropy_BxT, mask_BxT, traj_id_B, turn_index_B, history, step, current)

@@ -4,7 +4,7 @@
 with the entropy term chosen by `algo.entropy_control`:
   none:  0                                              (plain PPO / GRPO)
   bonus: -entropy_coef * token-mean H
-  epo:   -lambda * (L_H - beta_k * L_smooth)            (EPO Eq. 6, `epo.epo_regularizer`)
+  epo:   -lambda * (L_H - beta_k * L_smooth)            (EPO Eq. 6: `epo.paper_regularizer`, `epo.code_regularizer`)
 or, with no entropy term, a per-token reshaping of L_MT (epo_jax/algo/entropy_control.py):
   aepo:        entropy-balanced clip + A <- A (1 + a z(H))        (AEPO, docs/algorithms.md section 2 (c), (d))
   clip_cov:    no policy gradient for k random tokens with lb < Cov < ub   (Clip-Cov, section 3)
@@ -44,12 +44,15 @@ from epo_jax.algo.epo import (
     EntropyHistoryState,
     EntropySums,
     EpoSettings,
+    EpoTerms,
     entropy_history_init,
     entropy_history_update_from_sums,
     entropy_sums,
-    epo_regularizer,
+    code_regularizer,
+    paper_regularizer,
 )
 from epo_jax.algo.ppo import PolicyLoss, PolicyLossTerms, kl_penalty, ppo_token_losses, summarize_policy_terms, value_loss
+from epo_jax.algo.settings import from_section
 
 ENTROPY_CONTROLS = ("none", "bonus", "epo", "aepo", "clip_cov", "kl_cov", "top_entropy")
 # Metrics of the per-token entropy controls; each reports 0 under the other controls.
@@ -130,30 +133,7 @@ class LossSettings:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "LossSettings":
         """Reads `config.algo`, `config.epo`, `config.train.total_steps` and `config.seed` (configs/base.py)."""
-        algo = config.algo
-        return cls(
-            entropy_control=algo.entropy_control,
-            clip_low=float(algo.clip_low),
-            clip_high=float(algo.clip_high),
-            dual_clip=None if algo.dual_clip is None else float(algo.dual_clip),
-            loss_agg=algo.loss_agg,
-            entropy_coef=float(algo.entropy_coef),
-            value_clip=float(algo.value_clip),
-            value_coef=float(algo.value_coef),
-            use_kl_loss=bool(algo.use_kl_loss),
-            kl_coef=float(algo.kl_coef),
-            kl_estimator=algo.kl_estimator,
-            seed=int(config.seed),
-            aepo_entropy_adv_coef=float(algo.aepo_entropy_adv_coef),
-            clip_cov_ratio=float(algo.clip_cov_ratio),
-            clip_cov_lb=float(algo.clip_cov_lb),
-            clip_cov_ub=float(algo.clip_cov_ub),
-            clip_cov_dual_clip=bool(algo.clip_cov_dual_clip),
-            kl_cov_ratio=float(algo.kl_cov_ratio),
-            kl_cov_coef=float(algo.kl_cov_coef),
-            top_entropy_fraction=float(algo.top_entropy_fraction),
-            epo=EpoSettings.from_config(config),
-        )
+        return from_section(cls, config.algo, seed=int(config.seed), epo=EpoSettings.from_config(config))
 
 
 def loss_state_init(settings: LossSettings) -> LossState:
@@ -288,6 +268,15 @@ def policy_objective(settings: LossSettings, inputs: LossInputs, step: jax.Array
     return summarize_policy_terms(terms, inputs.mask_BxT, settings.loss_agg, inputs.traj_id_B), metrics
 
 
+def _epo_regularizer(settings: EpoSettings, inputs: LossInputs, state: LossState, sums: EntropySums) -> EpoTerms:
+    """EPO's entropy term of `epo.mode`: the paper's (Eq. 6) or the official code's."""
+    if settings.mode == "paper":
+        return paper_regularizer(settings, inputs.entropy_BxT, inputs.mask_BxT, inputs.traj_id_B,
+                                 state.entropy_history, state.step)
+    return code_regularizer(settings, inputs.entropy_BxT, inputs.mask_BxT, inputs.traj_id_B, inputs.turn_index_B,
+                            state.entropy_history, state.step, sums)
+
+
 def make_loss_fn(
     settings: LossSettings, forward_fn: ForwardFn
 ) -> Callable[[Any, Mapping[str, jax.Array], LossState], tuple[jax.Array, LossAux]]:
@@ -339,10 +328,7 @@ def make_loss_fn(
             loss = loss - settings.entropy_coef * token_mean_entropy
             metrics["entropy_loss"] = token_mean_entropy
         elif settings.entropy_control == "epo":
-            epo_terms = epo_regularizer(
-                settings.epo, inputs.entropy_BxT, mask_BxT, inputs.traj_id_B, inputs.turn_index_B,
-                state.entropy_history, state.step, sums,
-            )
+            epo_terms = _epo_regularizer(settings.epo, inputs, state, sums)
             loss = loss + epo_terms.term
             metrics.update({name: value for name, value in epo_terms._asdict().items() if name != "term"})
 
