@@ -325,6 +325,7 @@ def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None) -> tup
     batch = dict(update_batch.arrays)
     batch.update(run.programs.score(state.params, run.ref_params, batch))
     batch.update(run.programs.advantages(batch, batch.get("old_values")))
+    run.progress.begin_update(run.config.algo.ppo_epochs * batch["tokens"].shape[0] // run.config.algo.micro_batch_size)
     state, update_metrics = run.programs.update(state, batch)
     metrics = _update_metrics(jax.tree.map(processes.host_value, update_metrics))
     metrics["time/update_s"] = time.perf_counter() - t_start
