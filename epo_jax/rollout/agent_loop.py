@@ -318,19 +318,29 @@ def run_episodes(pool: EnvPool, generate: GenerateFn, tokenizer, specs: Sequence
     return Rollout(samples=samples, episodes=episodes, stats=stats)
 
 
+def make_sampler(config, graphdef, model_config, tokenizer, mesh=None) -> Sampler:
+    """The rollout's sampler for a run config (also what `epo_jax.plan` lowers)."""
+    return Sampler(graphdef, model_config, tokenizer, stop_strings=tuple(config.rollout.stop_strings),
+                   prompt_buckets=tuple(config.rollout.prompt_buckets), mesh=mesh)
+
+
+def sampling_params(config, temperature: float) -> SamplingParams:
+    """How the rollout samples at `temperature` (0 = greedy)."""
+    return SamplingParams(
+        temperature=temperature if temperature > 0 else 1.0, greedy=temperature == 0,
+        top_p=float(config.rollout.top_p), top_k=int(config.rollout.top_k),
+        max_new_tokens=int(config.rollout.max_response_len))
+
+
 def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None):
     """generate(params, prompt_ids, rng, *, temperature) -> [Generation] with our sampler
     (one compiled program per prompt-length and batch bucket; params are an argument)."""
-    sampler = Sampler(graphdef, model_config, tokenizer, stop_strings=tuple(config.rollout.stop_strings),
-                      prompt_buckets=tuple(config.rollout.prompt_buckets), mesh=mesh)
+    sampler = make_sampler(config, graphdef, model_config, tokenizer, mesh)
 
     def generate(params, prompt_ids: Sequence[np.ndarray], rng: jax.Array, *,
                  temperature: float) -> list[Generation]:
-        sampling = SamplingParams(
-            temperature=temperature if temperature > 0 else 1.0, greedy=temperature == 0,
-            top_p=float(config.rollout.top_p), top_k=int(config.rollout.top_k),
-            max_new_tokens=int(config.rollout.max_response_len))
-        out = sampler.generate(params, [list(map(int, p)) for p in prompt_ids], rng, sampling)
+        out = sampler.generate(params, [list(map(int, p)) for p in prompt_ids], rng,
+                               sampling_params(config, temperature))
         generations = []
         for row, length in enumerate(out.lengths):
             ids = out.tokens[row, :length]

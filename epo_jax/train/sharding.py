@@ -142,22 +142,28 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return out
 
 
-def place_params(params: dict, mesh: Mesh) -> dict:
-    """Places the run's params on the mesh: transformer weights ("policy", "critic.backbone") by
-    the model's partition specs, the small heads replicated."""
+def param_shardings(params: dict, mesh: Mesh) -> dict:
+    """Where the run's params live on the mesh: transformer weights ("policy", "critic.backbone")
+    by the model's partition specs, the small heads replicated. Works on arrays and on
+    jax.ShapeDtypeStruct leaves alike (the planner lays out params it never allocates)."""
     from epo_jax.models import transformer
 
-    def place_model(model_params):
+    def model_shardings(model_params):
         specs = transformer.param_partition_specs(model_params, mesh)
-        return put(model_params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
-    placed = {}
+    out = {}
     for name, value in params.items():
         if name == "policy":
-            placed[name] = place_model(value)
+            out[name] = model_shardings(value)
         elif name == "critic":
-            placed[name] = {"backbone": place_model(value["backbone"]),
-                            "head": put(value["head"], replicated(mesh))}
+            out[name] = {"backbone": model_shardings(value["backbone"]),
+                         "head": jax.tree.map(lambda _: replicated(mesh), value["head"])}
         else:
-            placed[name] = put(value, replicated(mesh))
-    return placed
+            out[name] = jax.tree.map(lambda _: replicated(mesh), value)
+    return out
+
+
+def place_params(params: dict, mesh: Mesh) -> dict:
+    """Places the run's params on the mesh as `param_shardings` says."""
+    return put(params, param_shardings(params, mesh))
