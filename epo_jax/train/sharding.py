@@ -164,6 +164,24 @@ def param_shardings(params: dict, mesh: Mesh) -> dict:
     return out
 
 
+def opt_state_shardings(opt_state, params, mesh: Mesh):
+    """Shardings for an optimizer state (arrays or jax.ShapeDtypeStructs): every leaf that mirrors a
+    param (an AdamW moment: its key path ends with the param's path) is sharded like that param,
+    the rest (step counts) replicated. Handed to the optimizer's init as out_shardings: left to
+    itself the compiler may replicate the moments, which are zeros that depend on no input."""
+    by_path = {tuple(path): (leaf.shape, leaf.sharding) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    longest = max(map(len, by_path), default=0)
+
+    def sharding_of(path, leaf):
+        for start in range(max(0, len(path) - longest), len(path)):
+            shape, found = by_path.get(tuple(path[start:]), (None, None))
+            if shape == leaf.shape:
+                return found
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(sharding_of, opt_state)
+
+
 def place_params(params: dict, mesh: Mesh) -> dict:
     """Places the run's params on the mesh as `param_shardings` says."""
     return put(params, param_shardings(params, mesh))
