@@ -280,11 +280,19 @@ def attention_rows(sizes: Sizes) -> list[Row]:
 
 # ------------------------------------------------------------------------------------------- memory
 
+def _memory_fields(model_path: str, sizes: Sizes) -> dict[str, Any]:
+    """The planned and measured layout: the default config's shapes (toy prompts in the smoke run),
+    one device, the device's compute dtype."""
+    fields = {"model.path": model_path, "model.dtype": _dtype(), "mesh.data": 1,
+              "algo.micro_batch_size": sizes.update_rows}
+    if sizes.layers:
+        fields.update({"rollout.max_prompt_len": 32, "rollout.prompt_buckets": (32,), "rollout.max_response_len": 8})
+    return fields
+
+
 def _memory_config_args(model_path: str, sizes: Sizes) -> list[str]:
-    """The planned and measured layout: the default config's shapes, one device, bfloat16."""
-    return [f"--config={os.path.join(ROOT, 'configs', 'scienceworld.py')}", f"--config.model.path={model_path}",
-            f"--config.model.dtype={_dtype()}", "--config.mesh.data=1",
-            f"--config.algo.micro_batch_size={sizes.update_rows}"]
+    return [f"--config={os.path.join(ROOT, 'configs', 'scienceworld.py')}"] + [
+        f"--config.{name}={value}" for name, value in _memory_fields(model_path, sizes).items()]
 
 
 def start_planner(model_path: str, sizes: Sizes, chip_name: str, out_json: str) -> subprocess.Popen:
@@ -302,8 +310,9 @@ def measure_update_peak(model_path: str, sizes: Sizes) -> dict[str, Any]:
     from epo_jax.train import batch as batch_lib, sharding
 
     config = config_lib.load_config_file(os.path.join(ROOT, "configs", "scienceworld.py"))
-    config.model.path, config.model.dtype, config.mesh.data = model_path, _dtype(), 1
-    config.algo.micro_batch_size = sizes.update_rows
+    for name, value in _memory_fields(model_path, sizes).items():
+        section, field = name.split(".")
+        config[section][field] = value
     rows = batch_lib.update_rows(config.env.num_groups * config.env.group_size * config.env.max_turns,
                                  num_minibatches=config.algo.num_minibatches, micro_batch_size=sizes.update_rows)
     config.rollout.max_prompt_len = config.rollout.prompt_buckets[-1]
@@ -318,10 +327,14 @@ def measure_update_peak(model_path: str, sizes: Sizes) -> dict[str, Any]:
 
 def memory_rows(sizes: Sizes, planner: subprocess.Popen, plan_json: str, model_path: str) -> list[Row]:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    measured = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-update-peak", model_path,
-                               *(["--cpu"] if sizes.layers else [])], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-    output, _ = planner.communicate(timeout=300)
+    try:
+        measured = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-update-peak", model_path,
+                                   *(["--cpu"] if sizes.layers else [])], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=600)
+        output, _ = planner.communicate(timeout=600)
+    except subprocess.TimeoutExpired as error:
+        planner.kill()
+        return [Row("memory", "update, planner vs device", "failed", "-", "-", f"timed out: {error.cmd[1:3]}")]
     if planner.returncode or measured.returncode:
         failed = output if planner.returncode else measured.stderr
         return [Row("memory", "update, planner vs device", "failed", "-", "-", failed.strip().splitlines()[-1])]

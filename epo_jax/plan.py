@@ -595,8 +595,11 @@ def plan(config, *, chip: Chip, num_devices: int, prompt_len: int = 0, turns: in
     attention = chip_attention(config, hf, chip)
     run = abstract_run(config, model_config_for(config, hf, chip), devices)
     depth = None if full_depth else "extrapolated"
-    costs = (costs_at_depth(config, hf, chip, devices, workload, None, cache=cache) if full_depth
-             else extrapolated_costs(config, hf, chip, devices, workload, cache=cache))
+    # A layout whose resident state alone overflows the chip needs no learner compiles to be told
+    # so; its rollout's are still compiled, for the decode's share of the step time.
+    parts = ("learner", "sampler") if run.resident_bytes <= chip.usable_bytes else ("sampler",)
+    costs = (costs_at_depth(config, hf, chip, devices, workload, None, parts=parts, cache=cache) if full_depth
+             else extrapolated_costs(config, hf, chip, devices, workload, parts=parts, cache=cache))
     # Decode has no inner loop: its per-token FLOPs are those of the decode program itself.
     flat = extrapolated_costs(config, hf, chip, devices, workload, flat=True, parts=("learner", "prefill"),
                               cache=cache)
@@ -650,6 +653,8 @@ def _print_plan(result: dict[str, Any], run: AbstractRun, report: Callable[[str]
     for name, p in result["programs"].items():
         report(f"  {name:<24} {p['argument_gib']:>10.2f} {p['output_gib']:>9.2f} {p['alias_gib']:>10.2f} "
                f"{p['temp_gib']:>12.2f} {p['live_peak_gib']:>13.2f}")
+    if "update" not in result["programs"]:
+        report("  update and score pass not compiled: the resident state alone overflows the chip")
     report(f"  resident train state + KL reference: {result['resident_gib']:.2f} GiB; peak {result['peak_gib']:.2f} "
            f"GiB of {result['usable_gib']:.1f}: {'fits' if result['fits'] else 'DOES NOT FIT'}")
     flops = result["flops_per_step"]

@@ -54,7 +54,8 @@ def config(model_dir):
 @pytest.fixture(scope="module")
 def planned(config):
     lines = []
-    result = plan_lib.plan(config, chip=plan_lib.CHIPS["h100-80gb"], num_devices=8, mfu=0.5, report=lines.append)
+    result = plan_lib.plan(config, chip=plan_lib.CHIPS["h100-80gb"], num_devices=8, mfu=0.5, run_search=False,
+                           report=lines.append)
     return result, lines
 
 
@@ -142,8 +143,22 @@ def test_step_time_follows_from_flops_and_the_chip(planned):
     for name in ("update", "score pass", "prefill"):
         assert result["seconds_per_step"][name] == pytest.approx(result["flops_per_step"][name] / rate)
     assert result["run_hours"] == pytest.approx(result["step_minutes"] * 60 * result["workload"]["total_steps"] / 3600)
-    assert result["fits"] and result["smallest"]["devices"] == 1  # a tiny model fits on one H100
+    assert result["fits"]
     assert any(line.startswith("memory: XLA:CPU's buffer assignment") for line in lines)
+
+
+@pytest.mark.slow
+def test_search_returns_the_fewest_devices_that_fit(config):
+    """A tiny model fits one H100: the search stops at one device, the config's micro-batch, with
+    the peak it compiled."""
+    lines = []
+    found = plan_lib.search(config, TINY_QWEN2, plan_lib.CHIPS["h100-80gb"], jax.devices(),
+                            plan_lib._workload(config, 0, 0), lines.append)
+    assert found.mesh_shape == (1, 1, 1) and found.micro_batch_size == ROWS
+    assert 0 < found.peak_bytes <= plan_lib.CHIPS["h100-80gb"].usable_bytes
+    # One row per batch shard first (it fits, so some micro-batch does), then the config's.
+    assert [line.split(":")[0] for line in lines] == ["  1 devices, mesh data=1 fsdp=1 tensor=1, micro-batch 1",
+                                                      "  1 devices, mesh data=1 fsdp=1 tensor=1, micro-batch 8"]
 
 
 def test_mesh_and_micro_batch_candidates():
