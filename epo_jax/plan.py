@@ -48,7 +48,7 @@ from absl import app, flags, logging
 
 from epo_jax import config as config_lib
 from epo_jax import main as run_main  # the run's --config / --verbose flags and their checks
-from epo_jax.algo import loss_state_init
+from epo_jax.algo import LossSettings, loss_state_init
 from epo_jax.errors import UserError
 from epo_jax.models import config as model_config_lib, transformer
 from epo_jax.rollout import agent_loop
@@ -233,7 +233,7 @@ def abstract_run(config, model_config, devices) -> AbstractRun:
     replicated = sharding.replicated(mesh)
     abstract_opt_state = jax.eval_shape(optimizer.init, params)
     opt_state = _shaped(abstract_opt_state, sharding.opt_state_shardings(abstract_opt_state, params, mesh))
-    small = jax.eval_shape(lambda: (loss_state_init(config), jax.random.key(config.seed)))
+    small = jax.eval_shape(lambda: (loss_state_init(LossSettings.from_config(config)), jax.random.key(config.seed)))
     loss_state, rng = _shaped(small, jax.tree.map(lambda _: replicated, small))
     state = TrainState(params=params, opt_state=opt_state, loss_state=loss_state, rng=rng)
     ref_params = params["policy"] if config.algo.use_kl_loss else None
@@ -648,7 +648,8 @@ def _print_plan(result: dict[str, Any], run: AbstractRun, report: Callable[[str]
     report(f"numerics: compute {result['compute_dtype']}, params {run.model_config.param_dtype}, remat "
            f"{'on' if run.model_config.remat else 'off'}; attention on the chip: {result['attention_on_chip']} "
            "(compiled here: xla, whose score blocks bound a fused kernel's)")
-    depth = "the model's depth" if result["depth"] == "full" else f"extrapolated from {DEPTHS[0]} and {DEPTHS[1]} layers"
+    depth = ("the model's depth" if result["depth"] == "full"
+             else f"extrapolated from {DEPTHS[0]} and {DEPTHS[1]} layers")
     report(f"per device, GiB ({depth})    arguments   outputs  (donated)  temporaries  live at peak")
     for name, p in result["programs"].items():
         report(f"  {name:<24} {p['argument_gib']:>10.2f} {p['output_gib']:>9.2f} {p['alias_gib']:>10.2f} "

@@ -459,6 +459,10 @@ class Sampler:
                              jax.random.key(0), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
                              self._stop_table)
 
+    def program_shape(self, num_prompts: int, longest_prompt: int) -> tuple[int, int]:
+        """(rows, prompt length) of the programs that generate for these prompts: one compile each."""
+        return _batch_bucket(num_prompts, self._batch_shards), bucket(longest_prompt, self.prompt_buckets)
+
     def generate(
         self,
         params: nnx.State,
@@ -476,8 +480,7 @@ class Sampler:
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
-        prompt_len = bucket(max(lengths), self.prompt_buckets)
-        batch = _batch_bucket(len(prompts), self._batch_shards)
+        batch, prompt_len = self.program_shape(len(prompts), max(lengths))
         tokens = np.zeros((batch, prompt_len), np.int32)
         mask = np.zeros((batch, prompt_len), bool)
         for row in range(batch):
