@@ -343,10 +343,15 @@ def memory_rows(sizes: Sizes, planner: subprocess.Popen, plan_json: str, model_p
     peak = json.loads(measured.stdout.strip().splitlines()[-1])["peak_bytes_in_use"]
     setting = f"update of the default config's shapes, 1 device, {_dtype()}"
     if peak is None:
-        return [Row("memory", setting, "-", f"planner {predicted / plan_lib.GiB:.2f} GiB", "-",
+        return [Row("memory", setting, "-", f"planner {_gib(predicted)}", "-",
                     f"no memory_stats() on {jax.default_backend()}")]
-    return [Row("memory", setting, f"{peak / plan_lib.GiB:.2f} GiB peak_bytes_in_use",
-                f"planner {predicted / plan_lib.GiB:.2f} GiB", _ratio(peak, predicted), "measured / predicted")]
+    return [Row("memory", setting, f"{_gib(peak)} peak_bytes_in_use",
+                f"planner {_gib(predicted)}", _ratio(peak, predicted), "measured / predicted")]
+
+
+def _gib(num_bytes: float) -> str:
+    """Three significant figures: the smoke run's toy update is a few MiB, which .2f would print as 0.00."""
+    return f"{num_bytes / plan_lib.GiB:.3g} GiB"
 
 
 # ---------------------------------------------------------------------------------------- rl steps
