@@ -411,11 +411,53 @@ class Sampler:
                  if self.stop_strings else np.zeros((1, 1, model_config.vocab_size), np.int32))
         self._stop_table = jnp.asarray(table)
 
+    def _batch_sharding(self, ndim: int) -> NamedSharding | None:
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, PartitionSpec(self._batch_axes or None, *([None] * (ndim - 1))))
+
     def _batch_sharded(self, array: np.ndarray) -> jax.Array:
         if self.mesh is None:
             return jnp.asarray(array)
-        spec = PartitionSpec(self._batch_axes or None, *([None] * (array.ndim - 1)))
-        return jax.device_put(array, NamedSharding(self.mesh, spec))
+        return jax.device_put(array, self._batch_sharding(array.ndim))
+
+    def _decode_statics(self, sampling: SamplingParams) -> _DecodeStatics:
+        return _DecodeStatics(
+            graphdef=self.graphdef, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
+            top_k=sampling.top_k, use_top_p=sampling.top_p < 1, eos_ids=self.eos_token_ids,
+            stop_lengths=tuple(len(s.encode("utf-8")) for s in self.stop_strings))
+
+    def _kernel_mesh(self):
+        """The splash kernel runs per shard in a shard_map over the context mesh (Mosaic kernels are
+        not partitioned automatically); the other kernels need no mesh context."""
+        splash_mesh = self.mesh is not None and self.model_config.attention == "splash"
+        return jax.set_mesh(self.mesh) if splash_mesh else contextlib.nullcontext()
+
+    def _abstract_rows(self, num_prompts: int, prompt_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        batch = _batch_bucket(num_prompts, self._batch_shards)
+        return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self._batch_sharding(len(shape)))
+                for name, shape, dtype in (("tokens", (batch, prompt_len), jnp.int32),
+                                           ("mask", (batch, prompt_len), jnp.bool_), ("done", (batch,), jnp.bool_))}
+
+    def lower_prefill(self, params, num_prompts: int, prompt_len: int,
+                      sampling: SamplingParams) -> jax.stages.Lowered:
+        """The prefill program `generate` runs for `num_prompts` prompts in the `prompt_len` bucket,
+        lowered at abstract shapes (params may hold jax.ShapeDtypeStruct leaves): what
+        `epo_jax.plan` compiles to size the rollout without allocating it."""
+        rows = self._abstract_rows(num_prompts, prompt_len)
+        with self._kernel_mesh():
+            return _prefill.lower(self.graphdef, params, rows["tokens"], rows["mask"],
+                                  prompt_len + sampling.max_new_tokens)
+
+    def lower_decode(self, params, prefill_outputs: tuple[KVCache, jax.Array], num_prompts: int, prompt_len: int,
+                     sampling: SamplingParams) -> jax.stages.Lowered:
+        """The decode program after `lower_prefill`'s; `prefill_outputs` is the (KV cache, logits)
+        the prefill returns, as jax.ShapeDtypeStruct leaves with the compiled prefill's output shardings."""
+        rows = self._abstract_rows(num_prompts, prompt_len)
+        cache, logits = prefill_outputs
+        return _decode.lower(self._decode_statics(sampling), params, cache, logits, rows["mask"], rows["done"],
+                             jax.random.key(0), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
+                             self._stop_table)
 
     def program_shape(self, num_prompts: int, longest_prompt: int) -> tuple[int, int]:
         """(rows, prompt length) of the programs that generate for these prompts: one compile each."""
@@ -450,15 +492,8 @@ class Sampler:
                              f"found ids in [{tokens.min()}, {tokens.max()}].")
         done = np.arange(batch) >= len(prompts)  # filler rows start finished
         tokens_j, mask_j = self._batch_sharded(tokens), self._batch_sharded(mask)
-        # The splash kernel runs per shard in a shard_map over the context mesh (Mosaic kernels are not
-        # partitioned automatically); the other kernels need no mesh context.
-        splash_mesh = self.mesh is not None and self.model_config.attention == "splash"
-        with jax.set_mesh(self.mesh) if splash_mesh else contextlib.nullcontext():
+        with self._kernel_mesh():
             cache, logits = _prefill(self.graphdef, params, tokens_j, mask_j, prompt_len + sampling.max_new_tokens)
-        statics = _DecodeStatics(
-            graphdef=self.graphdef, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
-            top_k=sampling.top_k, use_top_p=sampling.top_p < 1, eos_ids=self.eos_token_ids,
-            stop_lengths=tuple(len(s.encode("utf-8")) for s in self.stop_strings))
-        _, out = _decode(statics, params, cache, logits, mask_j, self._batch_sharded(done),
+        _, out = _decode(self._decode_statics(sampling), params, cache, logits, mask_j, self._batch_sharded(done),
                          key, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), self._stop_table)
         return SampleOutput(*(np.asarray(x)[: len(prompts)] for x in out))

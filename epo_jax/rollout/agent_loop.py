@@ -317,6 +317,20 @@ def run_episodes(pool: EnvPool, generate: GenerateFn, tokenizer, specs: Sequence
     return Rollout(samples=samples, episodes=episodes, stats=stats)
 
 
+def make_sampler(config, graphdef, model_config, tokenizer, mesh=None) -> Sampler:
+    """The rollout's sampler for a run config (also what `epo_jax.plan` lowers)."""
+    return Sampler(graphdef, model_config, tokenizer, stop_strings=tuple(config.rollout.stop_strings),
+                   prompt_buckets=tuple(config.rollout.prompt_buckets), mesh=mesh)
+
+
+def sampling_params(config, temperature: float) -> SamplingParams:
+    """How the rollout samples at `temperature` (0 = greedy)."""
+    return SamplingParams(
+        temperature=temperature if temperature > 0 else 1.0, greedy=temperature == 0,
+        top_p=float(config.rollout.top_p), top_k=int(config.rollout.top_k),
+        max_new_tokens=int(config.rollout.max_response_len))
+
+
 def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None,
                      announce: Callable[[str], None] | None = None):
     """generate(params, prompt_ids, rng, *, temperature) -> [Generation] with our sampler
@@ -324,16 +338,12 @@ def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None,
 
     `announce(message)`, if given, hears when a call needs programs of a new shape (they compile
     during that call, which is the slow part of a first rollout) and how long that call took."""
-    sampler = Sampler(graphdef, model_config, tokenizer, stop_strings=tuple(config.rollout.stop_strings),
-                      prompt_buckets=tuple(config.rollout.prompt_buckets), mesh=mesh)
+    sampler = make_sampler(config, graphdef, model_config, tokenizer, mesh)
     compiled_for: set = set()
 
     def generate(params, prompt_ids: Sequence[np.ndarray], rng: jax.Array, *,
                  temperature: float) -> list[Generation]:
-        sampling = SamplingParams(
-            temperature=temperature if temperature > 0 else 1.0, greedy=temperature == 0,
-            top_p=float(config.rollout.top_p), top_k=int(config.rollout.top_k),
-            max_new_tokens=int(config.rollout.max_response_len))
+        sampling = sampling_params(config, temperature)
         rows, prompt_len = sampler.program_shape(len(prompt_ids), max(len(p) for p in prompt_ids))
         first = announce is not None and (rows, prompt_len, sampling) not in compiled_for
         if first:

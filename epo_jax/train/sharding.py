@@ -154,22 +154,46 @@ def place_packing(layout: dict[str, np.ndarray], shard_axis: dict[str, int | Non
     return out
 
 
-def place_params(params: dict, mesh: Mesh) -> dict:
-    """Places the run's params on the mesh: transformer weights ("policy", "critic.backbone") by
-    the model's partition specs, the small heads replicated."""
+def param_shardings(params: dict, mesh: Mesh) -> dict:
+    """Where the run's params live on the mesh: transformer weights ("policy", "critic.backbone")
+    by the model's partition specs, the small heads replicated. Works on arrays and on
+    jax.ShapeDtypeStruct leaves alike (the planner lays out params it never allocates)."""
     from epo_jax.models import transformer
 
-    def place_model(model_params):
+    def model_shardings(model_params):
         specs = transformer.param_partition_specs(model_params, mesh)
-        return put(model_params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
-    placed = {}
+    out = {}
     for name, value in params.items():
         if name == "policy":
-            placed[name] = place_model(value)
+            out[name] = model_shardings(value)
         elif name == "critic":
-            placed[name] = {"backbone": place_model(value["backbone"]),
-                            "head": put(value["head"], replicated(mesh))}
+            out[name] = {"backbone": model_shardings(value["backbone"]),
+                         "head": jax.tree.map(lambda _: replicated(mesh), value["head"])}
         else:
-            placed[name] = put(value, replicated(mesh))
-    return placed
+            out[name] = jax.tree.map(lambda _: replicated(mesh), value)
+    return out
+
+
+def opt_state_shardings(opt_state, params, mesh: Mesh):
+    """Shardings for an optimizer state (arrays or jax.ShapeDtypeStructs): every leaf that mirrors a
+    param (an AdamW moment: its key path ends with the param's path) is sharded like that param,
+    the rest (step counts) replicated. Handed to the optimizer's init as out_shardings: left to
+    itself the compiler may replicate the moments, which are zeros that depend on no input."""
+    by_path = {tuple(path): (leaf.shape, leaf.sharding) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    longest = max(map(len, by_path), default=0)
+
+    def sharding_of(path, leaf):
+        for start in range(max(0, len(path) - longest), len(path)):
+            shape, found = by_path.get(tuple(path[start:]), (None, None))
+            if shape == leaf.shape:
+                return found
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(sharding_of, opt_state)
+
+
+def place_params(params: dict, mesh: Mesh) -> dict:
+    """Places the run's params on the mesh as `param_shardings` says."""
+    return put(params, param_shardings(params, mesh))

@@ -138,14 +138,28 @@ class Programs:
     generate: Any   # (policy params, prompt ids, rng, *, temperature) -> [Generation]
 
 
-def _build_programs(config, model: LoadedModel, optimizer, mesh, state_sharding, local_mesh,
-                    progress: Progress) -> Programs:
-    forward_fn = actor_critic.make_forward_fn(config, model.graphdef)
+class LearnerPrograms(NamedTuple):
+    """The jitted (not yet compiled) programs of an RL step's learn stage, as the trainer runs them
+    and as `epo_jax.plan` lowers them at abstract shapes to size a run."""
+
+    update: Any  # (TrainState, batch) -> (TrainState, metrics); the state sharded as given, donated
+    score: Any   # (params, ref_params, batch) -> {"old_values"?, "ref_logprobs"?}
+
+
+def jit_learner_programs(config, graphdef, optimizer, state_sharding) -> LearnerPrograms:
+    """The update and the score pass for a run config, a model's graphdef and the train state's sharding."""
+    forward_fn = actor_critic.make_forward_fn(config, graphdef)
     update = jax.jit(make_update_fn(config, forward_fn, optimizer),
                      in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
                      donate_argnums=(0,))
     score = jax.jit(make_score_fn(config, forward_fn,
-                                  actor_critic.make_forward_fn(config, model.graphdef, with_critic=False)))
+                                  actor_critic.make_forward_fn(config, graphdef, with_critic=False)))
+    return LearnerPrograms(update=update, score=score)
+
+
+def _build_programs(config, model: LoadedModel, optimizer, mesh, state_sharding, local_mesh,
+                    progress: Progress) -> Programs:
+    update, score = jit_learner_programs(config, model.graphdef, optimizer, state_sharding)
     generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer, local_mesh,
                                            announce=progress.info)
     kernel_mesh = mesh if model.config.attention == "splash" else None

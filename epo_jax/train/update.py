@@ -40,15 +40,13 @@ class TrainState(NamedTuple):
 def init_train_state(config, params: Any, optimizer: optax.GradientTransformation,
                      mesh: jax.sharding.Mesh) -> TrainState:
     """The state at step 0 with params placed on the mesh (`sharding.place_params`), optimizer
-    moments sharded like their params, and the small pieces replicated."""
+    moments sharded like their params (`sharding.opt_state_shardings`), and the small pieces
+    replicated; every leaf is committed, as the update's outputs are, so that the second step does
+    not compile again."""
     params = sharding.place_params(params, mesh)
     replicated = sharding.replicated(mesh)
-    opt_state = jax.jit(optimizer.init)(params)  # moments follow their params' sharding
-    # Commit every leaf (scalars replicated) so that the update's outputs, which are committed,
-    # match its inputs and the second step does not compile again.
-    opt_state = jax.tree.map(
-        lambda x: (x if x.committed else jax.device_put(x, x.sharding))
-        if len(x.sharding.device_set) == mesh.size else sharding.put(x, replicated), opt_state)
+    opt_shardings = sharding.opt_state_shardings(jax.eval_shape(optimizer.init, params), params, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     return TrainState(params=params, opt_state=opt_state,
                       loss_state=sharding.put(loss_state_init(LossSettings.from_config(config)), replicated),
                       rng=sharding.put(jax.random.key(config.seed), replicated))
