@@ -52,10 +52,6 @@ def init_train_state(config, params: Any, optimizer: optax.GradientTransformatio
                       rng=sharding.put(jax.random.key(config.seed), replicated))
 
 
-def _tree_where(pred: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
 def _finite(*trees: Any) -> jax.Array:
     """True when the sum of squares of every floating leaf of `trees` is finite in float32
     (integer leaves, such as optimizer step counts, cannot overflow)."""
@@ -83,8 +79,12 @@ def guarded_optimizer_step(optimizer: optax.GradientTransformation, grads: Any, 
     new_params = optax.apply_updates(params, updates)
     applied = (jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(loss))
                & _finite(updates, new_params, new_opt_state))
-    return GuardedUpdate(_tree_where(applied, new_params, params), _tree_where(applied, new_opt_state, opt_state),
-                         applied, grad_norm)
+    # One lax.cond over the whole state rather than a jnp.where per leaf: with a select per leaf
+    # XLA:CPU took over 10 minutes and 11 GB to compile the default run's update (30 layers),
+    # against 35 s with the cond (13 s without any guard).
+    kept_params, kept_opt_state = jax.lax.cond(applied, lambda: (new_params, new_opt_state),
+                                               lambda: (params, opt_state))
+    return GuardedUpdate(kept_params, kept_opt_state, applied, grad_norm)
 
 
 def _split_rows(batch: dict[str, jax.Array], num_minibatches: int, micro_batch_size: int) -> dict[str, jax.Array]:
