@@ -22,13 +22,8 @@ def get_config(arg: str = ""):
     c.epo.alpha = 0.1
     c.train.total_steps = 150
     c.optim.lr = 3e-6
-    if arg == "paper":
-        return _base["accelerator_numerics"](c)
-    if arg == "reference":
-        # The README's ALFWorld PPO + EPO command (Qwen2.5-3B-Instruct): seed 1, lr 5e-6,
-        # ppo_mini_batch_size 256, ppo_micro_batch_size_per_gpu 32 (the script's defaults).
-        return _base["reference_preset"](_base["accelerator_numerics"](c), seed=1, lr=5e-6,
-                                         ppo_mini_batch_size=256, ppo_micro_batch_size_per_gpu=32)
-    if arg:
-        raise ValueError(f"configs/alfworld.py takes '', 'paper' or 'reference' after the colon, got {arg!r}")
-    return _base["cpu_preset"](c, max_turns=6)
+    # The README's ALFWorld PPO + EPO command (Qwen2.5-3B-Instruct): seed 1, lr 5e-6,
+    # ppo_mini_batch_size 256, ppo_micro_batch_size_per_gpu 32 (the script's defaults).
+    return _base["preset"](c, arg, config_file="alfworld.py", cpu_max_turns=6,
+                           reference=dict(seed=1, lr=5e-6, ppo_mini_batch_size=256,
+                                          ppo_micro_batch_size_per_gpu=32))

@@ -263,3 +263,17 @@ def reference_preset(c: ml_collections.ConfigDict, *, seed: int, lr: float, ppo_
     c.eval.num_episodes = 16
     c.eval.every_steps = 5
     return c
+
+
+def preset(c: ml_collections.ConfigDict, arg: str, *, config_file: str, cpu_max_turns: int,
+           reference: dict) -> ml_collections.ConfigDict:
+    """An environment config after its colon: '' the CPU default (`cpu_preset`), 'paper' the
+    paper's settings at accelerator numerics, 'reference' the released runs' (`reference_preset`
+    with the environment's `reference` settings)."""
+    if arg == "paper":
+        return accelerator_numerics(c)
+    if arg == "reference":
+        return reference_preset(accelerator_numerics(c), **reference)
+    if arg:
+        raise ValueError(f"configs/{config_file} takes '', 'paper' or 'reference' after the colon, got {arg!r}")
+    return cpu_preset(c, max_turns=cpu_max_turns)

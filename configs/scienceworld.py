@@ -24,13 +24,8 @@ def get_config(arg: str = ""):
     c.epo.alpha = 0.05
     c.train.total_steps = 125
     c.optim.lr = 3e-6
-    if arg == "paper":
-        return _base["accelerator_numerics"](c)
-    if arg == "reference":
-        # The README's ScienceWorld PPO + EPO command (Qwen2.5-7B-Instruct): seed 0, lr 3e-6,
-        # ppo_mini_batch_size 64, ppo_micro_batch_size_per_gpu 8.
-        return _base["reference_preset"](_base["accelerator_numerics"](c), seed=0, lr=3e-6,
-                                         ppo_mini_batch_size=64, ppo_micro_batch_size_per_gpu=8)
-    if arg:
-        raise ValueError(f"configs/scienceworld.py takes '', 'paper' or 'reference' after the colon, got {arg!r}")
-    return _base["cpu_preset"](c, max_turns=4)
+    # The README's ScienceWorld PPO + EPO command (Qwen2.5-7B-Instruct): seed 0, lr 3e-6,
+    # ppo_mini_batch_size 64, ppo_micro_batch_size_per_gpu 8.
+    return _base["preset"](c, arg, config_file="scienceworld.py", cpu_max_turns=4,
+                           reference=dict(seed=0, lr=3e-6, ppo_mini_batch_size=64,
+                                          ppo_micro_batch_size_per_gpu=8))
