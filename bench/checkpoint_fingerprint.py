@@ -43,8 +43,7 @@ def default_train_state():
     loaded = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                              remat=config.model.remat, mesh=mesh)
     params = actor_critic.init_params(config, loaded.params, loaded.config.hidden_size)
-    total_updates = config.train.total_steps * config.algo.ppo_epochs * config.algo.num_minibatches
-    return config, init_train_state(config, params, optim.make_optimizer(config.optim, total_updates), mesh)
+    return config, init_train_state(config, params, optim.make_run_optimizer(config), mesh)
 
 
 def main() -> None:

@@ -228,8 +228,7 @@ def abstract_run(config, model_config, devices) -> AbstractRun:
     graphdef, policy = transformer.abstract_params(model_config)
     params = jax.eval_shape(lambda p: actor_critic.init_params(config, p, model_config.hidden_size), policy)
     params = _shaped(params, sharding.param_shardings(params, mesh))
-    total_updates = config.train.total_steps * config.algo.ppo_epochs * config.algo.num_minibatches
-    optimizer = optim.make_optimizer(config.optim, total_updates)
+    optimizer = optim.make_run_optimizer(config)
     replicated = sharding.replicated(mesh)
     abstract_opt_state = jax.eval_shape(optimizer.init, params)
     opt_state = _shaped(abstract_opt_state, sharding.opt_state_shardings(abstract_opt_state, params, mesh))

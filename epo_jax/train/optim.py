@@ -35,3 +35,13 @@ def make_optimizer(optim: ml_collections.ConfigDict,
         optax.clip_by_global_norm(optim.grad_clip),
         optax.multi_transform({"policy": _adamw(optim, optim.lr, total_updates),
                                "critic": _adamw(optim, optim.critic_lr, total_updates)}, labels))
+
+
+def optimizer_steps_per_rl_step(config: ml_collections.ConfigDict) -> int:
+    """Optimizer steps of one RL step's update: algo.ppo_epochs x algo.num_minibatches."""
+    return int(config.algo.ppo_epochs) * int(config.algo.num_minibatches)
+
+
+def make_run_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """`make_optimizer` for a run: its schedule spans every optimizer step of train.total_steps RL steps."""
+    return make_optimizer(config.optim, int(config.train.total_steps) * optimizer_steps_per_rl_step(config))

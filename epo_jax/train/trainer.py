@@ -252,8 +252,7 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
                           "set --config.model.attention=xla (or splash on TPU), or --config.algo.pack=False")
     params = actor_critic.init_params(config, model.params, model.config.hidden_size)
     ref_params = jax.tree.map(jnp.copy, model.params) if config.algo.use_kl_loss else None
-    total_updates = config.train.total_steps * config.algo.ppo_epochs * config.algo.num_minibatches
-    optimizer = optim.make_optimizer(config.optim, total_updates)
+    optimizer = optim.make_run_optimizer(config)
     state = init_train_state(config, params, optimizer, mesh)
     local_mesh = sharding.rollout_mesh(mesh)
     programs = _build_programs(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state),
@@ -416,7 +415,7 @@ def _check_skipped_updates(run: _Run, step: int, metrics: dict[str, float]) -> N
     result: parameters and optimizer state stayed as they were) and stops the run after
     `train.max_skipped_steps` of them in a row; the checkpoints hold the last finite state."""
     config = run.config
-    updates = config.algo.ppo_epochs * config.algo.num_minibatches
+    updates = optim.optimizer_steps_per_rl_step(config)
     if metrics.get("skipped", 0.0):
         logging.warning("step %d: %d of %d updates skipped (non-finite loss, gradient or result)",
                         step, int(metrics["skipped"]), updates)
