@@ -20,6 +20,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"    # storage dtype of trainable params
     c.model.remat = False              # rematerialise each decoder layer in the backward pass
     c.model.logprob_chunk_size = 1024  # tokens per chunk of the log-prob / entropy head
+    # A Hugging Face folder the RL policy (and its KL reference) start from instead of model.path's
+    # weights, e.g. the policy folder of a cold start (python -m epo_jax.sft); "" = model.path.
+    c.model.init_from = ""
 
     # Generation (the sampler).
     c.rollout = ml_collections.ConfigDict()
@@ -123,6 +126,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.total_steps = 125          # K, RL steps (also the phase schedule's horizon)
+
+    # The supervised cold start on the environment's expert trajectories (epo_jax/sft.py), run by
+    # `python -m epo_jax.sft` or, with sft.cold_start, by `python -m epo_jax.main` before RL.
+    c.sft = ml_collections.ConfigDict()
+    c.sft.cold_start = False           # python -m epo_jax.main first makes (or reuses) the cold start and starts RL from it
+    c.sft.dir = ""                     # its folder; "" = a cache folder named after its settings (~/.cache/epo_jax/cold_start)
+    c.sft.episodes = 48                # expert episodes of the train split won within env.max_turns
+    c.sft.epochs = 1                   # passes over their turns
+    c.sft.batch_size = 4               # turns per optimizer step (micro-batches of algo.micro_batch_size rows)
+    c.sft.lr = 1e-4                    # peak AdamW learning rate (warmup, cosine decay, clipping: optim.*)
+    c.sft.checkpoint_every_steps = 10  # a killed cold start resumes from its last checkpoint
+    c.sft.eval_episodes = 8            # IID episodes the written policy is evaluated on (0 = none)
 
     # Device mesh. -1 = all remaining devices.
     c.mesh = ml_collections.ConfigDict()
