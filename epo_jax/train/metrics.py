@@ -37,6 +37,8 @@ from epo_jax.errors import UserError
 _PROGRESS_FIELDS = (
     ("success_rate", "succ", "{:.2f}"),
     ("reward_mean", "rew", "{:+.2f}"),
+    ("score_mean", "score", "{:.1f}"),
+    ("invalid_turn_rate", "inv", "{:.2f}"),
     ("entropy", "H", "{:.3f}"),
     ("epo/beta", "beta", "{:.3f}"),
     ("epo/smooth_penalty", "pen", "{:.4f}"),
