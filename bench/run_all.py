@@ -219,7 +219,8 @@ def rl_step_rows(quick: bool) -> list[dict]:
                    f"--config.workdir={workdir}", "--config.train.total_steps=3", "--config.eval.every_steps=0",
                    "--config.checkpoint.every_steps=1000"]
         if quick:
-            command += ["--config.env.max_turns=2", "--config.rollout.max_response_len=16"]
+            command += ["--config.env.max_turns=2", "--config.rollout.max_response_len=16",
+                        "--config.sft.cold_start=False"]
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"the RL step run failed:\n{proc.stderr[-3000:]}")
