@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -483,6 +484,7 @@ def with_cold_start(config):
     summary = read_summary(directory)
     if summary is None:
         summary = make_cold_start(config, progress)
+        gc.collect()  # the stage's optimizer state and programs go before the RL run allocates its own
     else:
         result = summary.get("eval", {})
         progress.info(f"cold start: reusing {directory} (valid format {result.get('eval/iid/valid_format_rate', float('nan')):.2f}, "
