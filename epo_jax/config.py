@@ -20,8 +20,8 @@ import ml_collections
 from epo_jax import algo
 from epo_jax.errors import ConfigError
 from epo_jax.envs import ENV_NAMES
+from epo_jax.models.config import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, SUPPORTED_DTYPES as PARAM_DTYPES
 
-DTYPES = ("float32", "bfloat16")
 __all__ = ["ConfigError", "FIELD_RULES", "CROSS_FIELD_RULES", "check_overrides", "validate", "field_names"]
 
 # The largest learning rate accepted: AdamW steps are about lr per parameter, so anything near 1
@@ -129,8 +129,9 @@ FIELD_RULES: dict[str, Check] = {
     "seed": integer(low=0),
     "workdir": workdir,
     "model.path": model_path,
-    "model.dtype": choice(DTYPES),
-    "model.param_dtype": choice(DTYPES),
+    "model.dtype": choice(COMPUTE_DTYPES),
+    "model.param_dtype": choice(PARAM_DTYPES),
+    "model.attention": choice(ATTENTION_IMPLEMENTATIONS),
     "model.remat": boolean,
     "model.logprob_chunk_size": integer(low=1),
     "model.init_from": model_path,
@@ -178,6 +179,10 @@ FIELD_RULES: dict[str, Check] = {
     "algo.clip_cov_ratio": fraction(),
     "algo.clip_cov_lb": number(),
     "algo.clip_cov_ub": number(),
+    "algo.clip_cov_dual_clip": boolean,
+    "algo.group_count": choice(algo.GROUP_COUNTS),
+    "algo.gigpo_mode": choice(algo.GIGPO_MODES),
+    "algo.gigpo_step_penalty": choice(algo.GIGPO_STEP_PENALTIES),
     "algo.kl_cov_ratio": fraction(),
     "algo.kl_cov_coef": NON_NEGATIVE,
     "algo.top_entropy_fraction": fraction(),
@@ -206,6 +211,8 @@ FIELD_RULES: dict[str, Check] = {
     "epo.entropy_agg": choice(tuple(algo.ENTROPY_AGGREGATIONS)),
     "epo.code_turn_gate": integer(low=0),
     "epo.code_total_epochs": integer(low=2),
+    "epo.code_decay": NON_NEGATIVE,
+    "epo.code_mask_mode": choice(algo.CODE_MASK_MODES),
     "epo.max_turns": integer(low=1),
     "optim.lr": number(low=0.0, low_open=True, high=MAX_LR),
     "optim.critic_lr": number(low=0.0, low_open=True, high=MAX_LR),
@@ -217,6 +224,7 @@ FIELD_RULES: dict[str, Check] = {
     "optim.b2": fraction(low_open=False),
     "optim.eps": POSITIVE,
     "train.total_steps": integer(low=1),
+    "train.max_skipped_steps": integer(low=1),
     "sft.cold_start": boolean,
     "sft.dir": text(),
     "sft.episodes": integer(low=1),
@@ -236,7 +244,7 @@ FIELD_RULES: dict[str, Check] = {
     "checkpoint.keep": integer(low=1),
     "checkpoint.async_save": boolean,
     "eval.every_steps": integer(low=0),
-    "eval.num_episodes": integer(low=0),
+    "eval.num_episodes": integer(low=-1),  # the panel size per split; -1 (or more than the split) = all
     "eval.temperature": NON_NEGATIVE,
     "logging.every_steps": integer(low=1),
     "logging.tensorboard": boolean,
@@ -281,6 +289,11 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule("epo.max_turns", lambda c: c.epo.max_turns >= c.env.max_turns,
                    lambda c: f"an integer >= env.max_turns ({c.env.max_turns}): the per-turn entropy history needs "
                              "a slot per turn"),
+    CrossFieldRule("train.total_steps",
+                   lambda c: not (c.algo.entropy_control == "epo" and c.epo.mode == "paper"
+                                  and c.epo.beta_schedule == "phase") or c.train.total_steps >= 2,
+                   lambda c: "an integer >= 2 with EPO's phase weight (beta_k = 1 + exp(-gamma k / floor(K/2)) "
+                             "needs floor(K/2) >= 1)"),
     CrossFieldRule("mesh", lambda c: sum(c.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1,
                    lambda c: "at most one axis set to -1 among mesh.data, mesh.fsdp, mesh.tensor"),
     CrossFieldRule("distributed.num_processes",

@@ -303,7 +303,7 @@ class _Learner:
 def _load_model(config, mesh, progress: Progress) -> LoadedModel:
     t0 = time.perf_counter()
     model = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                            remat=config.model.remat, mesh=mesh)
+                            remat=config.model.remat, mesh=mesh, attention=config.model.attention)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
     progress.info(f"model: {model.config.model_type}, {num_params / 1e6:.1f}M parameters, from "
                   f"{config.model.path or EMBEDDED_MODEL}, loaded in {time.perf_counter() - t0:.1f} s")

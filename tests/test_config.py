@@ -15,8 +15,10 @@ def load(name: str, arg: str = ""):
     return runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"](arg)
 
 
-@pytest.mark.parametrize("name", ["base", "scienceworld", "alfworld"])
-@pytest.mark.parametrize("arg", ["", "paper"])
+@pytest.mark.parametrize("name, arg", [
+    ("base", ""), ("scienceworld", ""), ("alfworld", ""),
+    *((env, preset) for env in ("scienceworld", "alfworld") for preset in ("paper", "reference")),
+])
 def test_shipped_configs_validate(name, arg):
     validate(load(name, arg))
 
@@ -37,6 +39,30 @@ def test_paper_defaults():
         assert c.epo.mode == "paper" and c.algo.ppo_epochs == 1
     assert (sw.epo.alpha, sw.train.total_steps, sw.env.max_turns) == (0.05, 125, 30)
     assert (alf.epo.alpha, alf.train.total_steps, alf.env.max_turns) == (0.1, 150, 50)
+
+
+@pytest.mark.parametrize("env, seed, lr, alpha, turns, steps, minibatches, micro_batch", [
+    ("scienceworld", 0, 3e-6, 0.05, 30, 125, 2, 64),
+    ("alfworld", 1, 5e-6, 0.1, 50, 150, 1, 256),
+])
+def test_reference_presets_hold_the_released_scripts_settings(env, seed, lr, alpha, turns, steps, minibatches,
+                                                              micro_batch):
+    """github WujiangXu/EPO: the README's PPO commands through examples/general_running_server.sh
+    (8 GPUs, ppo_mini_batch_size 64 / 256 and ppo_micro_batch_size_per_gpu 8 / 32 over 16 x 8
+    environments), verl's defaults, and the 6144-token prompt budget of the completed runs."""
+    c = load(env, "reference")
+    assert (c.seed, c.optim.lr, c.optim.critic_lr, c.epo.alpha) == (seed, lr, lr, alpha)
+    assert (c.env.max_turns, c.train.total_steps) == (turns, steps)
+    assert (c.epo.mode, c.epo.entropy_agg, c.epo.code_turn_gate, c.epo.code_total_epochs) == ("code", "token", 25, 150)
+    assert (c.epo.lam, c.epo.kappa_l, c.epo.kappa_r, c.epo.smoothing) == (0.001, 0.0, 2.0, True)
+    assert (c.rollout.max_prompt_len, c.rollout.prompt_buckets[-1], c.rollout.max_response_len) == (6144, 6144, 512)
+    assert (c.env.num_groups * c.env.group_size, c.env.group_size) == (128, 1)
+    assert (c.algo.num_minibatches, c.algo.micro_batch_size, c.algo.critic) == (minibatches, micro_batch, "separate")
+    assert (c.algo.kl_coef, c.algo.kl_estimator, c.algo.clip_low, c.algo.dual_clip) == (0.01, "low_var_kl", 0.2, 3.0)
+    assert (c.optim.warmup_ratio, c.optim.min_lr_ratio, c.env.invalid_action_penalty) == (0.1, 0.2, -0.1)
+    assert (c.eval.num_episodes, c.eval.every_steps, c.eval.temperature) == (16, 5, 0.4)
+    assert (c.mesh.data, c.mesh.fsdp, c.model.remat) == (1, -1, True)
+    assert (c.model.dtype, c.model.param_dtype, c.model.attention) == ("auto", "float32", "auto")
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -158,4 +184,4 @@ def test_verbose_adds_the_traceback():
 def test_a_bad_config_file_argument_is_one_line():
     proc = run_main("--config=configs/scienceworld.py:papr")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "'' or 'paper'" in proc.stderr
+    assert "'', 'paper' or 'reference'" in proc.stderr

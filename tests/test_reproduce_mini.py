@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from epo_jax import report
+from epo_jax.envs import panels
 from epo_jax.train.metrics import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,9 +40,14 @@ def test_quick_mode_writes_results_and_plots(tmp_path):
 
     text = results.read_text()
     assert "| PPO + EPO |" in text and "Table 1" in text and "PPO + EPO | 100.0" in text
+    # The report module read the run: its Succ.* is the run's best evaluation.
+    best = max(r["eval/iid/success_rate"] for r in records if "eval/iid/success_rate" in r)
+    assert f"| PPO + EPO | 1 | {best * 100:.1f} |" in text
+    assert "every run evaluated the same 4 episodes" in text
+    assert json.loads((workdir / "eval_panel.json").read_text())["splits"]["iid"]["episodes"] == [
+        [s.task, s.variation] for s in panels.panel("toy_keydoor", "iid", 4)]
     pngs = sorted(p.name for p in figures.glob("*.png"))
-    assert pngs == ["entropy_vs_step.png", "eval_success_vs_step.png",
-                    "final_success_and_entropy_variance.png", "success_vs_step.png"]
+    assert pngs == sorted(report.FIGURES)
     for name in pngs:
         assert (figures / name).stat().st_size > 5000
         assert f"]({os.path.relpath(figures, results.parent)}/{name})" in text

@@ -32,6 +32,7 @@ import numpy as np
 
 from epo_jax.envs import alfworld_games
 from epo_jax.envs.base import EnvCrashed, EpisodeSpec, TextEnv
+from epo_jax.envs.panels import alfworld_task_type
 
 # alfworld_games points ALFWORLD_DATA at this project's cache before alfworld is imported.
 import textworld  # noqa: E402
@@ -85,7 +86,7 @@ def _listing(root: Path, folder: str) -> tuple[tuple[str, str], ...]:
     games = []
     for traj_path in sorted((games_root / folder).glob("*/*/traj_data.json")):
         game_id = traj_path.parent.relative_to(games_root).as_posix()
-        task_type = traj_path.parent.parent.name.split("-")[0]
+        task_type = alfworld_task_type(game_id)
         game_file = traj_path.parent / "game.tw-pddl"
         if (task_type not in TASK_TYPES or "movable" in game_id or "Sliced" in game_id
                 or not game_file.exists()):

@@ -3,18 +3,33 @@
 One frozen (hashable) dataclass covers the Llama family (SmolLM2, Llama 2/3 with rope scaling) and
 Qwen2 / Qwen2.5 / Qwen3. Being hashable, it can sit in a Flax graph definition and in `jax.jit` static
 arguments.
+
+A ModelConfig holds concrete numerics; the run config's "auto" choices (model.dtype,
+model.attention) are resolved for a platform in one place, `resolve_numerics`, which the loaders
+(`from_hf_config`, the GGUF reader) call.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from typing import Any, Mapping
 
 import numpy as np
 
+from epo_jax.errors import UserError
+from epo_jax.models import attention as attention_lib
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("auto",) + SUPPORTED_DTYPES           # allowed values of model.dtype
+ATTENTION_IMPLEMENTATIONS = attention_lib.IMPLEMENTATIONS  # allowed values of model.attention
+
+# Architecture-only folders (a config.json, no weights) of the models EPO was run with, for sizing
+# runs offline (e.g. `--config.model.path=<architecture_dir("Qwen2.5-7B-Instruct")>` in a planner).
+SHIPPED_ARCHITECTURES = ("Qwen2.5-0.5B-Instruct", "Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct")
+_ARCHITECTURES_DIR = pathlib.Path(__file__).with_name("architectures")
 
 _ARCHITECTURE_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -23,7 +38,7 @@ _ARCHITECTURE_BY_MODEL_TYPE = {
 }
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UserError, ValueError):
     """The checkpoint describes a model this decoder cannot represent."""
 
 
@@ -32,9 +47,10 @@ class ModelConfig:
     """Shape and numerics of a decoder-only transformer.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights; `remat`
-    rematerialises each decoder layer in the backward pass; sequences longer than
-    `attention_query_chunk` attend in blocks of that many queries, so attention scores take
-    B x heads x chunk x T memory instead of B x heads x T x T.
+    rematerialises each decoder layer in the backward pass; `attention` is the kernel (xla, cudnn,
+    splash: `attention.py`); in the xla kernel sequences longer than `attention_query_chunk` attend
+    in blocks of that many queries, so attention scores take B x heads x chunk x T memory instead of
+    B x heads x T x T.
     """
 
     model_type: str
@@ -59,6 +75,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention: str = "xla"
     attention_query_chunk: int = 512
 
     def __post_init__(self) -> None:
@@ -73,6 +90,9 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
                 "(grouped-query attention shares each key/value head among equal groups).")
+        if self.attention not in attention_lib.KERNELS:
+            raise ValueError(f"attention={self.attention!r} is not one of {attention_lib.KERNELS} "
+                             "('auto' is resolved by resolve_numerics before a ModelConfig is built).")
         if self.attention_query_chunk < 1:
             raise ValueError(f"attention_query_chunk={self.attention_query_chunk} must be >= 1.")
         if self.head_dim % 2:
@@ -156,6 +176,13 @@ class ModelConfig:
         return out
 
 
+def architecture_dir(name: str) -> str:
+    """The shipped folder holding `name`'s Hugging Face config.json (architecture only, no weights)."""
+    if name not in SHIPPED_ARCHITECTURES:
+        raise ValueError(f"no shipped architecture {name!r}; the shipped ones are {SHIPPED_ARCHITECTURES}.")
+    return str(_ARCHITECTURES_DIR / name)
+
+
 def _rope_scaling_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]]:
     """(rope_theta, rope scaling items) from the v4 (`rope_theta`, `rope_scaling`) or the v5
     (`rope_parameters`) config layout."""
@@ -174,13 +201,37 @@ def _rope_scaling_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[tuple[str
     return rope_theta, tuple(sorted(merged.items()))
 
 
+def resolve_numerics(dtype: str, attention: str, head_dim: int, platform: str | None = None) -> dict[str, str]:
+    """{"dtype", "attention"} for a model on `platform` (default: the running backend), from the run
+    config's model.dtype and model.attention.
+
+    dtype "auto" is bfloat16 on GPU and TPU (with float32 parameters, param_dtype) and float32 on
+    CPU, where XLA's bfloat16 matmuls are slower than float32; attention "auto" and the explicit
+    kernels follow `attention.select_implementation`, which names model.attention when a choice
+    cannot run there.
+    """
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {COMPUTE_DTYPES}.")
+    if platform is None:
+        import jax  # the backend is asked only when a loader resolves a config, not at import
+
+        platform = jax.default_backend()
+    if dtype == "auto":
+        dtype = "bfloat16" if platform in ("gpu", "tpu") else "float32"
+    kernel = attention_lib.select_implementation(attention, platform=platform, dtype=dtype, head_dim=head_dim)
+    return {"dtype": dtype, "attention": kernel}
+
+
 def from_hf_config(
     hf: Mapping[str, Any],
     dtype: str = "float32",
     param_dtype: str = "float32",
     remat: bool = False,
+    attention: str = "auto",
+    platform: str | None = None,
 ) -> ModelConfig:
-    """Builds a ModelConfig from a Hugging Face config.json dictionary.
+    """Builds a ModelConfig from a Hugging Face config.json dictionary; dtype and attention may be
+    "auto", resolved for `platform` by `resolve_numerics`.
 
     Raises UnsupportedArchitectureError for architectures or options this decoder does not implement.
     """
@@ -229,7 +280,7 @@ def from_hf_config(
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_token_ids,
         pad_token_id=hf.get("pad_token_id"),
-        dtype=dtype,
         param_dtype=param_dtype,
         remat=remat,
+        **resolve_numerics(dtype, attention, int(head_dim), platform),
     )

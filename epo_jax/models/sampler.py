@@ -1,9 +1,12 @@
 """Batched generation with a fixed-size KV cache: a jitted prefill, then a jitted `lax.while_loop` decode.
 
-Prompts are left-padded to a few length buckets and the batch is padded to a power of two (and a
-multiple of the mesh's batch shards: rows split over the "data" and "fsdp" axes), so compilations
-stay few. Padding is tracked by position (a mask), never by a pad token id, because chat prompts
-contain every special id.
+Prompts are left-padded to a few length buckets (`bucket`, shared with the trainer's batch builder)
+and the batch is padded to a power of two (and a multiple of the mesh's batch shards: rows split over
+the "data" and "fsdp" axes), so compilations stay few. Padding is tracked by position (a mask), never
+by a pad token id, because chat prompts contain every special id.
+
+The decode loop follows Flax's lm1b `temperature_sampler`: one `lax.while_loop` over a named
+`DecodeState`, with the model step passed in as a `tokens_to_logits` function.
 
 Each generated token comes with its log-probability and the entropy of the sampling distribution
 softmax(logits / temperature) over the full vocabulary, before top-p / top-k truncation, so both equal
@@ -15,9 +18,11 @@ the tokenizer splits it across tokens.
 """
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,10 +74,6 @@ class SampleOutput:
     lengths: np.ndarray
     finish_reasons: np.ndarray
 
-    @property
-    def mask(self) -> np.ndarray:
-        return np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
-
 
 def _kmp_byte_automaton(pattern: bytes) -> np.ndarray:
     """delta[state, byte] of the Knuth-Morris-Pratt matcher; state = length of the matched prefix."""
@@ -116,6 +117,15 @@ def stop_string_table(stop_strings: Sequence[str], vocab_bytes: Sequence[bytes])
                 state[:active] = delta[state[:active], byte_matrix[:active, j]]
             table[i, start, order] = state
     return table
+
+
+def bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length (buckets sorted ascending)."""
+    i = bisect.bisect_left(list(buckets), length)
+    if i == len(buckets):
+        raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}; "
+                         "raise rollout.prompt_buckets / rollout.max_prompt_len")
+    return int(buckets[i])
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -234,10 +244,87 @@ def _prefill(
 ) -> tuple[KVCache, jax.Array]:
     """KV cache of the prompts and the float32 next-token logits [B, V] after the last prompt token."""
     model = nnx.merge(graphdef, params)
-    hidden_BxPxD, cache = model.prefill(tokens_BxP, positions_from_mask(mask_BxP), mask_BxP, cache_len)
+    hidden_BxPxD, cache = model.prefill(tokens_BxP, positions_from_mask(mask_BxP), mask_BxP.astype(jnp.int32),
+                                        cache_len)
     unembed_VxD = unembedding(params).astype(hidden_BxPxD.dtype)
     logits_BxV = jnp.einsum("bd,vd->bv", hidden_BxPxD[:, -1], unembed_VxD, preferred_element_type=jnp.float32)
     return cache, logits_BxV
+
+
+class DecodeState(NamedTuple):
+    """The carry of the decode loop; rows that are done keep their outputs."""
+
+    step: jax.Array              # index of the token sampled next, int32 scalar
+    cache: KVCache               # holds the prompt and the tokens fed to the model so far
+    last_token_B: jax.Array      # the latest sampled token: the model's next input
+    done_B: jax.Array            # finished rows (EOS, a stop string, or filler rows)
+    stop_states_BxK: jax.Array   # each stop string's matcher state
+    tokens_BxN: jax.Array
+    logprobs_BxN: jax.Array
+    entropies_BxN: jax.Array
+    lengths_B: jax.Array         # tokens generated so far, the stop token included
+    finish_reasons_B: jax.Array  # index into FINISH_REASONS
+
+    def outputs(self) -> tuple[jax.Array, ...]:
+        """The fields of SampleOutput, in its order."""
+        return self.tokens_BxN, self.logprobs_BxN, self.entropies_BxN, self.lengths_B, self.finish_reasons_B
+
+
+TokensToLogits = Callable[[jax.Array, jax.Array, KVCache], tuple[jax.Array, KVCache]]
+
+
+def _initial_state(cache: KVCache, done_B: jax.Array, max_new_tokens: int, num_stop_strings: int) -> DecodeState:
+    batch = done_B.shape[0]
+    return DecodeState(
+        step=jnp.int32(0), cache=cache, last_token_B=jnp.zeros((batch,), jnp.int32), done_B=done_B,
+        stop_states_BxK=jnp.zeros((batch, num_stop_strings), jnp.int32),
+        tokens_BxN=jnp.zeros((batch, max_new_tokens), jnp.int32),
+        logprobs_BxN=jnp.zeros((batch, max_new_tokens), jnp.float32),
+        entropies_BxN=jnp.zeros((batch, max_new_tokens), jnp.float32),
+        lengths_B=jnp.zeros((batch,), jnp.int32),
+        finish_reasons_B=jnp.full((batch,), FINISH_LENGTH, jnp.int32))
+
+
+def _record(state: DecodeState, logits_BxV: jax.Array, row_keys_B: jax.Array, statics: _DecodeStatics,
+            temperature: jax.Array, top_p: jax.Array, stop_table: jax.Array) -> DecodeState:
+    """Samples token `state.step` of every row from its logits and records it in the state."""
+    step = state.step
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_B)
+    token_B, logprob_B, entropy_B = _sampling_head(logits_BxV, step_keys, statics, temperature, top_p)
+    active = ~state.done_B
+    stop_states = state.stop_states_BxK
+    if statics.stop_lengths:
+        stop_index = jnp.arange(stop_table.shape[0])
+        stop_states = stop_table[stop_index[None, :], stop_states, token_B[:, None]]
+        hit_stop = jnp.any(stop_states == jnp.asarray(statics.stop_lengths, jnp.int32)[None, :], axis=1)
+    else:
+        hit_stop = jnp.zeros_like(state.done_B)
+    eos_ids = jnp.asarray(statics.eos_ids or (-1,), dtype=jnp.int32)
+    hit_eos = jnp.any(token_B[:, None] == eos_ids[None, :], axis=1)
+    reasons = jnp.where(active & hit_eos, FINISH_EOS,
+                        jnp.where(active & hit_stop, FINISH_STOP_STRING, state.finish_reasons_B))
+    return state._replace(
+        step=step + 1, last_token_B=token_B, done_B=state.done_B | hit_eos | hit_stop, stop_states_BxK=stop_states,
+        tokens_BxN=state.tokens_BxN.at[:, step].set(jnp.where(active, token_B, 0)),
+        logprobs_BxN=state.logprobs_BxN.at[:, step].set(jnp.where(active, logprob_B, 0.0)),
+        entropies_BxN=state.entropies_BxN.at[:, step].set(jnp.where(active, entropy_B, 0.0)),
+        lengths_B=state.lengths_B + active.astype(jnp.int32), finish_reasons_B=reasons)
+
+
+def _sample_loop(tokens_to_logits: TokensToLogits, record: Callable[[DecodeState, jax.Array], DecodeState],
+                 first_logits_BxV: jax.Array, state: DecodeState) -> DecodeState:
+    """The first token from the prefill's logits, then one `lax.while_loop` step per token until
+    every row is done or max_new_tokens are sampled."""
+    max_new_tokens = state.tokens_BxN.shape[1]
+
+    def cond(state: DecodeState) -> jax.Array:
+        return (state.step < max_new_tokens) & ~jnp.all(state.done_B)
+
+    def body(state: DecodeState) -> DecodeState:
+        logits_BxV, cache = tokens_to_logits(state.last_token_B, state.step, state.cache)
+        return record(state._replace(cache=cache), logits_BxV)
+
+    return jax.lax.while_loop(cond, body, record(state, first_logits_BxV))
 
 
 @functools.partial(jax.jit, static_argnames=("statics",), donate_argnames=("cache",))
@@ -257,59 +344,30 @@ def _decode(
     model = nnx.merge(statics.graphdef, params)
     unembed_VxD = unembedding(params)
     batch, prompt_len = mask_BxP.shape
-    n_new = statics.max_new_tokens
-    slot_mask_BxS = jnp.concatenate([mask_BxP.astype(bool), jnp.ones((batch, n_new), bool)], axis=1)
     prompt_lengths_B = jnp.sum(mask_BxP.astype(jnp.int32), axis=1)
-    eos_ids = jnp.asarray(statics.eos_ids or (-1,), dtype=jnp.int32)
-    stop_lengths = jnp.asarray(statics.stop_lengths or (0,), dtype=jnp.int32)
-    stop_index = jnp.arange(stop_table.shape[0])
-    row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(batch))
+    # Slot P + j holds generated token j at position prompt_length + j; prompt padding is segment 0.
+    cache_positions_BxS = jnp.concatenate(
+        [positions_from_mask(mask_BxP), prompt_lengths_B[:, None] + jnp.arange(statics.max_new_tokens)], axis=1)
+    cache_segments_BxS = jnp.concatenate(
+        [mask_BxP.astype(jnp.int32), jnp.ones((batch, statics.max_new_tokens), jnp.int32)], axis=1)
 
-    def sample(step, logits, done, stop_states, outputs):
-        tokens, logprobs, entropies, lengths, reasons = outputs
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_B)
-        token_B, logprob_B, entropy_B = _sampling_head(logits, step_keys, statics, temperature, top_p)
-        active = ~done
-        tokens = tokens.at[:, step].set(jnp.where(active, token_B, 0))
-        logprobs = logprobs.at[:, step].set(jnp.where(active, logprob_B, 0.0))
-        entropies = entropies.at[:, step].set(jnp.where(active, entropy_B, 0.0))
-        lengths = lengths + active.astype(jnp.int32)
-        if statics.stop_lengths:
-            stop_states = stop_table[stop_index[None, :], stop_states, token_B[:, None]]
-            hit_stop = jnp.any(stop_states == stop_lengths[None, :], axis=1)
-        else:
-            hit_stop = jnp.zeros_like(done)
-        hit_eos = jnp.any(token_B[:, None] == eos_ids[None, :], axis=1)
-        reasons = jnp.where(active & hit_eos, FINISH_EOS,
-                            jnp.where(active & hit_stop, FINISH_STOP_STRING, reasons))
-        done = done | hit_eos | hit_stop
-        return token_B, done, stop_states, (tokens, logprobs, entropies, lengths, reasons)
-
-    outputs = (jnp.zeros((batch, n_new), jnp.int32), jnp.zeros((batch, n_new), jnp.float32),
-               jnp.zeros((batch, n_new), jnp.float32), jnp.zeros((batch,), jnp.int32),
-               jnp.full((batch,), FINISH_LENGTH, jnp.int32))
-    stop_states = jnp.zeros((batch, stop_table.shape[0]), jnp.int32)
-    token_B, done_B, stop_states, outputs = sample(0, logits_BxV, done_B, stop_states, outputs)
-
-    def cond(carry):
-        step, _, _, done, _, _ = carry
-        return (step < n_new) & ~jnp.all(done)
-
-    def body(carry):
-        step, cache, token, done, stop_states, outputs = carry
+    def tokens_to_logits(token_B: jax.Array, step: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Feeds token `step - 1` (written at cache slot P + step - 1); logits of token `step`."""
         positions_Bx1 = (prompt_lengths_B + step - 1)[:, None]
-        hidden_Bx1xD, cache = model.decode(token[:, None], positions_Bx1, cache, prompt_len + step - 1,
-                                           slot_mask_BxS)
+        hidden_Bx1xD, cache = model.decode(token_B[:, None], positions_Bx1, cache, prompt_len + step - 1,
+                                           cache_positions_BxS, cache_segments_BxS)
         logits = jnp.einsum("bd,vd->bv", hidden_Bx1xD[:, 0], unembed_VxD.astype(hidden_Bx1xD.dtype),
                             preferred_element_type=jnp.float32)
-        token, done, stop_states, outputs = sample(step, logits, done, stop_states, outputs)
-        return step + 1, cache, token, done, stop_states, outputs
+        return logits, cache
 
-    carry = (jnp.int32(1), cache, token_B, done_B, stop_states, outputs)
-    _, cache, _, _, _, outputs = jax.lax.while_loop(cond, body, carry)
+    row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(batch))
+    record = functools.partial(_record, row_keys_B=row_keys_B, statics=statics, temperature=temperature,
+                               top_p=top_p, stop_table=stop_table)
+    state = _sample_loop(tokens_to_logits, record, logits_BxV,
+                         _initial_state(cache, done_B, statics.max_new_tokens, stop_table.shape[0]))
     # Returning the cache lets XLA alias the donated input buffers to the loop state, so the loop
     # updates them in place instead of copying the cache into fresh buffers.
-    return cache, outputs
+    return state.cache, state.outputs()
 
 
 class Sampler:
@@ -359,13 +417,9 @@ class Sampler:
         spec = PartitionSpec(self._batch_axes or None, *([None] * (array.ndim - 1)))
         return jax.device_put(array, NamedSharding(self.mesh, spec))
 
-    def _prompt_bucket(self, longest: int) -> int:
-        for bucket in self.prompt_buckets:
-            if longest <= bucket:
-                return bucket
-        raise ValueError(
-            f"A prompt has {longest} tokens, more than the largest prompt bucket {self.prompt_buckets[-1]}; "
-            "raise rollout.max_prompt_len / rollout.prompt_buckets or shorten the prompt.")
+    def program_shape(self, num_prompts: int, longest_prompt: int) -> tuple[int, int]:
+        """(rows, prompt length) of the programs that generate for these prompts: one compile each."""
+        return _batch_bucket(num_prompts, self._batch_shards), bucket(longest_prompt, self.prompt_buckets)
 
     def generate(
         self,
@@ -384,8 +438,7 @@ class Sampler:
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
-        prompt_len = self._prompt_bucket(max(lengths))
-        batch = _batch_bucket(len(prompts), self._batch_shards)
+        batch, prompt_len = self.program_shape(len(prompts), max(lengths))
         tokens = np.zeros((batch, prompt_len), np.int32)
         mask = np.zeros((batch, prompt_len), bool)
         for row in range(batch):
@@ -397,12 +450,15 @@ class Sampler:
                              f"found ids in [{tokens.min()}, {tokens.max()}].")
         done = np.arange(batch) >= len(prompts)  # filler rows start finished
         tokens_j, mask_j = self._batch_sharded(tokens), self._batch_sharded(mask)
-        cache, logits = _prefill(self.graphdef, params, tokens_j, mask_j, prompt_len + sampling.max_new_tokens)
+        # The splash kernel runs per shard in a shard_map over the context mesh (Mosaic kernels are not
+        # partitioned automatically); the other kernels need no mesh context.
+        splash_mesh = self.mesh is not None and self.model_config.attention == "splash"
+        with jax.set_mesh(self.mesh) if splash_mesh else contextlib.nullcontext():
+            cache, logits = _prefill(self.graphdef, params, tokens_j, mask_j, prompt_len + sampling.max_new_tokens)
         statics = _DecodeStatics(
             graphdef=self.graphdef, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
             top_k=sampling.top_k, use_top_p=sampling.top_p < 1, eos_ids=self.eos_token_ids,
             stop_lengths=tuple(len(s.encode("utf-8")) for s in self.stop_strings))
         _, out = _decode(statics, params, cache, logits, mask_j, self._batch_sharded(done),
-                      key, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), self._stop_table)
-        tokens_out, logprobs, entropies, lengths_out, reasons = (np.asarray(x)[: len(prompts)] for x in out)
-        return SampleOutput(tokens_out, logprobs, entropies, lengths_out, reasons)
+                         key, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), self._stop_table)
+        return SampleOutput(*(np.asarray(x)[: len(prompts)] for x in out))

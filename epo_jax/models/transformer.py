@@ -16,7 +16,11 @@ development CPU unrolled layers decoded 10-30% faster than `lax.scan` over stack
 the compile time; the sampler compiles each shape bucket once and then decodes for the whole run,
 so decode speed wins.
 
-Use it through `init_params` / `split_model` and the pure functions `hidden_states`, `logits`,
+Who attends to whom comes from positions and segment ids (0 = padding) inside `attention.attend`,
+which also runs the kernel `ModelConfig.attention` names (xla, cudnn or splash); no [B, T, S] mask
+is built here.
+
+Use it through `init_params` / `abstract_params` and the pure functions `hidden_states`, `logits`,
 `unembedding`: the module is rebuilt from (graphdef, params) inside each traced function, so losses
 stay pure functions of the params pytree (an `nnx.State`).
 """
@@ -32,15 +36,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
+from epo_jax.models.attention import attend
 from epo_jax.models.config import ModelConfig
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (keys, values), each [B, K, S, Hd]
 
 _INIT_STDDEV = 0.02  # transformers' default initializer_range
-
-
-def _dtype(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
 
 
 def _normal_init(rng: np.random.Generator | None, shape: tuple[int, ...], param_dtype: jnp.dtype) -> jax.Array:
@@ -128,60 +129,12 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndar
     return rotated.astype(x_BxTxNxH.dtype)
 
 
-def _attend_block(
-    q_BxTxKxGxH: jax.Array,
-    k_BxKxSxH: jax.Array,
-    v_BxKxSxH: jax.Array,
-    mask_BxTxS: jax.Array,
-) -> jax.Array:
-    """softmax(q k^T / sqrt(Hd) masked) v for grouped queries; scores and softmax in float32.
-
-    The G query heads sharing a kv head are folded into the query axis, so both products are
-    batched matmuls over (B, K) with a [G*T, Hd] left operand: XLA:CPU runs these about twice as fast
-    as the equivalent 5-D contraction, which it lowers to a loop of small matmuls.
-    """
-    b, t, k, g, h = q_BxTxKxGxH.shape
-    s = k_BxKxSxH.shape[2]
-    q_BxKxQxH = jnp.transpose(q_BxTxKxGxH, (0, 2, 3, 1, 4)).reshape(b, k, g * t, h)
-    scores = jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH, k_BxKxSxH,
-                        preferred_element_type=jnp.float32) / np.sqrt(h).astype(np.float32)
-    scores_BxKxGxTxS = scores.reshape(b, k, g, t, s)
-    # A finite floor keeps fully masked rows (padding queries) finite instead of NaN.
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None, :, :], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxKxSxH.dtype).reshape(b, k, g * t, s)
-    out_BxKxQxH = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxSxH)
-    return jnp.transpose(out_BxKxQxH.reshape(b, k, g, t, h), (0, 3, 1, 2, 4))
-
-
-def _attend(
-    q_BxTxKxGxH: jax.Array,
-    k_BxKxSxH: jax.Array,
-    v_BxKxSxH: jax.Array,
-    mask_BxTxS: jax.Array,
-    query_chunk: int,
-) -> jax.Array:
-    """Attention in blocks of `query_chunk` queries (each rematerialised in the backward pass), so
-    scores never exceed B x heads x chunk x S; one block when T <= query_chunk."""
-    b, t, k, g, h = q_BxTxKxGxH.shape
-    if t <= query_chunk:
-        return _attend_block(q_BxTxKxGxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS)
-    n_chunks = -(-t // query_chunk)
-    pad = n_chunks * query_chunk - t
-    q = jnp.pad(q_BxTxKxGxH, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    mask = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0)))
-    q_chunks = jnp.moveaxis(q.reshape(b, n_chunks, query_chunk, k, g, h), 1, 0)
-    mask_chunks = jnp.moveaxis(mask.reshape(b, n_chunks, query_chunk, -1), 1, 0)
-    block = jax.checkpoint(lambda qm: _attend_block(qm[0], k_BxKxSxH, v_BxKxSxH, qm[1]))
-    out = jax.lax.map(block, (q_chunks, mask_chunks))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * query_chunk, k, g, h)[:, :t]
-
-
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE; optional q/k/v/o biases and q/k RMSNorm."""
 
     def __init__(self, config: ModelConfig, rng: np.random.Generator | None):
         d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        pd = _dtype(config.param_dtype)
+        pd = jnp.dtype(config.param_dtype)
         self.q_proj = Projection((d,), (n, h), config.qkv_bias, ("fsdp", "tensor", None), pd, rng)
         self.k_proj = Projection((d,), (k, h), config.qkv_bias, ("fsdp", "tensor", None), pd, rng)
         self.v_proj = Projection((d,), (k, h), config.qkv_bias, ("fsdp", "tensor", None), pd, rng)
@@ -209,11 +162,12 @@ class Attention(nnx.Module):
         return self.o_proj(attended_BxTxKxGxH.reshape(b, t, k * g, h))
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_BxTxT: jax.Array,
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segments_BxT: jax.Array,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Self-attention over the sequence itself; returns the output and its keys/values [B, K, T, Hd]."""
         q, k_BxKxTxH, v_BxKxTxH = self._project(x_BxTxD, positions_BxT)
-        attended = _attend(q, k_BxKxTxH, v_BxKxTxH, mask_BxTxT, self.config.attention_query_chunk)
+        attended = attend(q, k_BxKxTxH, v_BxKxTxH, positions_BxT, segments_BxT,
+                          implementation=self.config.attention, query_chunk=self.config.attention_query_chunk)
         return self._output(attended), (k_BxKxTxH, v_BxKxTxH)
 
     def decode(
@@ -222,7 +176,8 @@ class Attention(nnx.Module):
         positions_BxT: jax.Array,
         cache: tuple[jax.Array, jax.Array],
         cache_index: jax.Array,
-        mask_BxTxS: jax.Array,
+        cache_positions_BxS: jax.Array,
+        cache_segments_BxS: jax.Array,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Writes this step's keys/values at slot `cache_index` of the cache and attends over the whole cache."""
         q, k_new, v_new = self._project(x_BxTxD, positions_BxT)
@@ -230,7 +185,9 @@ class Attention(nnx.Module):
         start = (0, 0, cache_index, 0)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
-        attended = _attend(q, k_cache, v_cache, mask_BxTxS, self.config.attention_query_chunk)
+        attended = attend(q, k_cache, v_cache, positions_BxT, jnp.ones_like(positions_BxT),
+                          cache_positions_BxS, cache_segments_BxS,
+                          implementation=self.config.attention, query_chunk=self.config.attention_query_chunk)
         return self._output(attended), (k_cache, v_cache)
 
 
@@ -239,7 +196,7 @@ class MLP(nnx.Module):
 
     def __init__(self, config: ModelConfig, rng: np.random.Generator | None):
         d, f = config.hidden_size, config.intermediate_size
-        pd = _dtype(config.param_dtype)
+        pd = jnp.dtype(config.param_dtype)
         self.gate_proj = Projection((d,), (f,), False, ("fsdp", "tensor"), pd, rng)
         self.up_proj = Projection((d,), (f,), False, ("fsdp", "tensor"), pd, rng)
         self.down_proj = Projection((f,), (d,), False, ("tensor", "fsdp"), pd, rng)
@@ -252,16 +209,16 @@ class DecoderLayer(nnx.Module):
     """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h))."""
 
     def __init__(self, config: ModelConfig, rng: np.random.Generator | None):
-        pd = _dtype(config.param_dtype)
+        pd = jnp.dtype(config.param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd)
         self.self_attn = Attention(config, rng)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd)
         self.mlp = MLP(config, rng)
 
     def __call__(
-        self, x: jax.Array, positions_BxT: jax.Array, mask_BxTxT: jax.Array,
+        self, x: jax.Array, positions_BxT: jax.Array, segments_BxT: jax.Array,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        attended, kv = self.self_attn(self.input_layernorm(x), positions_BxT, mask_BxTxT)
+        attended, kv = self.self_attn(self.input_layernorm(x), positions_BxT, segments_BxT)
         h = x + attended
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
@@ -271,18 +228,20 @@ class DecoderLayer(nnx.Module):
         positions_BxT: jax.Array,
         cache: tuple[jax.Array, jax.Array],
         cache_index: jax.Array,
-        mask_BxTxS: jax.Array,
+        cache_positions_BxS: jax.Array,
+        cache_segments_BxS: jax.Array,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        attended, cache = self.self_attn.decode(self.input_layernorm(x), positions_BxT, cache, cache_index, mask_BxTxS)
+        attended, cache = self.self_attn.decode(self.input_layernorm(x), positions_BxT, cache, cache_index,
+                                                cache_positions_BxS, cache_segments_BxS)
         h = x + attended
         return h + self.mlp(self.post_attention_layernorm(h)), cache
 
 
-def _run_layer(layer: DecoderLayer, x: jax.Array, positions_BxT: jax.Array, mask_BxTxT: jax.Array) -> jax.Array:
-    return layer(x, positions_BxT, mask_BxTxT)[0]
+def _run_layer(layer: DecoderLayer, x: jax.Array, positions_BxT: jax.Array, segments_BxT: jax.Array) -> jax.Array:
+    return layer(x, positions_BxT, segments_BxT)[0]
 
 
-def _run_layer_remat(layer: DecoderLayer, x: jax.Array, positions_BxT: jax.Array, mask_BxTxT: jax.Array) -> jax.Array:
+def _run_layer_remat(layer: DecoderLayer, x: jax.Array, positions_BxT: jax.Array, segments_BxT: jax.Array) -> jax.Array:
     """The layer with its activations recomputed in the backward pass (only its input is saved).
 
     `jax.checkpoint` wraps a pure function of the layer's state: the layer is split and rebuilt
@@ -292,24 +251,17 @@ def _run_layer_remat(layer: DecoderLayer, x: jax.Array, positions_BxT: jax.Array
     """
     graphdef, state = nnx.split(layer)
 
-    def pure_layer(state, x, positions_BxT, mask_BxTxT):
-        return nnx.merge(graphdef, state)(x, positions_BxT, mask_BxTxT)[0]
+    def pure_layer(state, x, positions_BxT, segments_BxT):
+        return nnx.merge(graphdef, state)(x, positions_BxT, segments_BxT)[0]
 
-    return jax.checkpoint(pure_layer)(state, x, positions_BxT, mask_BxTxT)
-
-
-def causal_mask(attention_mask_BxT: jax.Array) -> jax.Array:
-    """[B, T, T] mask: query t sees key s iff s <= t and key s is a real token."""
-    t = attention_mask_BxT.shape[1]
-    causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
-    return causal_TxT[None] & attention_mask_BxT.astype(bool)[:, None, :]
+    return jax.checkpoint(pure_layer)(state, x, positions_BxT, segments_BxT)
 
 
 class Transformer(nnx.Module):
     """The decoder: embedding, layers, final norm and (untied) lm_head."""
 
     def __init__(self, config: ModelConfig, rng: np.random.Generator | None):
-        pd = _dtype(config.param_dtype)
+        pd = jnp.dtype(config.param_dtype)
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, pd, rng)
         self.layers = nnx.List([DecoderLayer(config, rng) for _ in range(config.num_layers)])
@@ -317,25 +269,23 @@ class Transformer(nnx.Module):
         # The untied unembedding is a [V, D] table like the embedding (Hugging Face's lm_head.weight).
         self.lm_head = None if config.tie_word_embeddings else Embedding(config.vocab_size, config.hidden_size, pd, rng)
 
-    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, attention_mask_BxT: jax.Array) -> jax.Array:
-        """Final normed hidden states [B, T, D] in the compute dtype."""
-        x = self.embed_tokens(tokens_BxT, _dtype(self.config.dtype))
-        mask_BxTxT = causal_mask(attention_mask_BxT)
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, segments_BxT: jax.Array) -> jax.Array:
+        """Final normed hidden states [B, T, D] in the compute dtype; segments_BxT: int, 0 = padding."""
+        x = self.embed_tokens(tokens_BxT, jnp.dtype(self.config.dtype))
         run = _run_layer_remat if self.config.remat else _run_layer
         for layer in self.layers:
-            x = run(layer, x, positions_BxT, mask_BxTxT)
+            x = run(layer, x, positions_BxT, segments_BxT)
         return self.norm(x)
 
     def prefill(
-        self, tokens_BxT: jax.Array, positions_BxT: jax.Array, attention_mask_BxT: jax.Array, cache_len: int,
+        self, tokens_BxT: jax.Array, positions_BxT: jax.Array, segments_BxT: jax.Array, cache_len: int,
     ) -> tuple[jax.Array, KVCache]:
         """Hidden states of the prompt and a KV cache of `cache_len` slots whose first T hold the prompt."""
-        x = self.embed_tokens(tokens_BxT, _dtype(self.config.dtype))
-        mask_BxTxT = causal_mask(attention_mask_BxT)
+        x = self.embed_tokens(tokens_BxT, jnp.dtype(self.config.dtype))
         t = tokens_BxT.shape[1]
         cache: KVCache = []
         for layer in self.layers:
-            x, (k, v) = layer(x, positions_BxT, mask_BxTxT)
+            x, (k, v) = layer(x, positions_BxT, segments_BxT)
             padding = ((0, 0), (0, 0), (0, cache_len - t), (0, 0))
             cache.append((jnp.pad(k, padding), jnp.pad(v, padding)))
         return self.norm(x), cache
@@ -346,21 +296,20 @@ class Transformer(nnx.Module):
         positions_BxT: jax.Array,
         cache: KVCache,
         cache_index: jax.Array,
-        slot_mask_BxS: jax.Array,
+        cache_positions_BxS: jax.Array,
+        cache_segments_BxS: jax.Array,
     ) -> tuple[jax.Array, KVCache]:
-        """Runs T new tokens written at cache slots [cache_index, cache_index + T).
+        """Runs T new tokens (at positions_BxT) written at cache slots [cache_index, cache_index + T).
 
-        slot_mask_BxS marks slots holding real tokens (prompt padding is False); causality within
-        the cache is added here.
+        cache_positions_BxS are the positions of the tokens each slot holds or will hold, and
+        cache_segments_BxS their segment ids (0 for prompt padding): a query sees the slots of its
+        segment at positions up to its own, so slots not yet written stay unseen.
         """
-        x = self.embed_tokens(tokens_BxT, _dtype(self.config.dtype))
-        t, s = tokens_BxT.shape[1], slot_mask_BxS.shape[1]
-        query_slots_T = cache_index + jnp.arange(t)
-        causal_TxS = jnp.arange(s)[None, :] <= query_slots_T[:, None]
-        mask_BxTxS = causal_TxS[None] & slot_mask_BxS[:, None, :]
+        x = self.embed_tokens(tokens_BxT, jnp.dtype(self.config.dtype))
         new_cache: KVCache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer.decode(x, positions_BxT, layer_cache, cache_index, mask_BxTxS)
+            x, layer_cache = layer.decode(x, positions_BxT, layer_cache, cache_index,
+                                          cache_positions_BxS, cache_segments_BxS)
             new_cache.append(layer_cache)
         return self.norm(x), new_cache
 
@@ -381,11 +330,6 @@ def abstract_params(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: Transformer(config, None)))
 
 
-def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, params) of a model; `nnx.merge(graphdef, params)` rebuilds it."""
-    return nnx.split(model)
-
-
 def positions_from_mask(attention_mask_BxT: jax.Array) -> jax.Array:
     """Position ids counting real tokens only: left padding does not shift positions (pads get 0)."""
     mask = attention_mask_BxT.astype(jnp.int32)
@@ -398,20 +342,33 @@ def hidden_states(
     tokens_BxT: jax.Array,
     positions_BxT: jax.Array | None = None,
     attention_mask_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
 ) -> jax.Array:
     """Final normed hidden states [B, T, D] (compute dtype); a pure function of params.
 
-    Positions default to `positions_from_mask(attention_mask_BxT)`, the mask to all ones, so
-    left-padded batches give each row the hidden states it has unpadded.
+    Each row is one sequence whose real tokens `attention_mask_BxT` marks (default all ones), or,
+    with `segment_ids_BxT` (int, 0 = padding) and `positions_BxT` restarting in each segment,
+    several packed sequences that do not see each other. Positions default to
+    `positions_from_mask(attention_mask_BxT)`, so left-padded batches give each row the hidden
+    states it has unpadded.
     """
     chex.assert_rank(tokens_BxT, 2)
-    if attention_mask_BxT is None:
-        attention_mask_BxT = jnp.ones(tokens_BxT.shape, dtype=bool)
-    chex.assert_equal_shape([tokens_BxT, attention_mask_BxT])
-    if positions_BxT is None:
-        positions_BxT = positions_from_mask(attention_mask_BxT)
-    chex.assert_equal_shape([tokens_BxT, positions_BxT])
-    return nnx.merge(graphdef, params)(tokens_BxT, positions_BxT, attention_mask_BxT)
+    model = nnx.merge(graphdef, params)
+    if segment_ids_BxT is None:
+        if attention_mask_BxT is None:
+            attention_mask_BxT = jnp.ones(tokens_BxT.shape, dtype=bool)
+        chex.assert_equal_shape([tokens_BxT, attention_mask_BxT])
+        if positions_BxT is None:
+            positions_BxT = positions_from_mask(attention_mask_BxT)
+        segment_ids_BxT = attention_mask_BxT.astype(jnp.int32)
+    elif positions_BxT is None or attention_mask_BxT is not None:
+        raise ValueError("hidden_states: packed rows take segment_ids_BxT with their positions_BxT "
+                         "(restarting in each segment) and no attention_mask_BxT.")
+    elif model.config.attention == "cudnn":
+        raise ValueError("model.attention='cudnn' takes one run of real tokens per row; rows packed with "
+                         "segment ids need model.attention='xla' or 'splash'.")
+    chex.assert_equal_shape([tokens_BxT, positions_BxT, segment_ids_BxT])
+    return model(tokens_BxT, positions_BxT, segment_ids_BxT)
 
 
 def unembedding(params: nnx.State) -> jax.Array:
@@ -427,9 +384,10 @@ def logits(
     tokens_BxT: jax.Array,
     positions_BxT: jax.Array | None = None,
     attention_mask_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
 ) -> jax.Array:
     """Next-token logits [B, T, V] in float32: hidden_states @ unembedding^T."""
-    hidden = hidden_states(graphdef, params, tokens_BxT, positions_BxT, attention_mask_BxT)
+    hidden = hidden_states(graphdef, params, tokens_BxT, positions_BxT, attention_mask_BxT, segment_ids_BxT)
     unembed_VxD = unembedding(params).astype(hidden.dtype)
     return jnp.einsum("btd,vd->btv", hidden, unembed_VxD, preferred_element_type=jnp.float32)
 

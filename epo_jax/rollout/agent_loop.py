@@ -109,9 +109,8 @@ def prompt_token_ids(tokenizer, config, info: Mapping[str, Any], observation: st
     to their last `rollout.max_prompt_len` tokens (the observation and the reply cue are at the
     end). Anything trained on the rollout's prompts (a supervised start) renders them here."""
     env_cfg = config.env
-    text = prompts_lib.build_prompt(tokenizer, env_cfg.name, info, observation, history,
+    ids = prompts_lib.encode_prompt(tokenizer, env_cfg.name, info, observation, history,
                                     history_length=env_cfg.history_length, show_actions=env_cfg.show_actions)
-    ids = tokenizer.encode(text, add_special_tokens=False)
     max_prompt_len = int(config.rollout.max_prompt_len)
     truncated = len(ids) > max_prompt_len
     return np.asarray(ids[-max_prompt_len:] if truncated else ids, np.int32), truncated
@@ -318,11 +317,16 @@ def run_episodes(pool: EnvPool, generate: GenerateFn, tokenizer, specs: Sequence
     return Rollout(samples=samples, episodes=episodes, stats=stats)
 
 
-def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None):
+def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None,
+                     announce: Callable[[str], None] | None = None):
     """generate(params, prompt_ids, rng, *, temperature) -> [Generation] with our sampler
-    (one compiled program per prompt-length and batch bucket; params are an argument)."""
+    (one compiled program per prompt-length and batch bucket; params are an argument).
+
+    `announce(message)`, if given, hears when a call needs programs of a new shape (they compile
+    during that call, which is the slow part of a first rollout) and how long that call took."""
     sampler = Sampler(graphdef, model_config, tokenizer, stop_strings=tuple(config.rollout.stop_strings),
                       prompt_buckets=tuple(config.rollout.prompt_buckets), mesh=mesh)
+    compiled_for: set = set()
 
     def generate(params, prompt_ids: Sequence[np.ndarray], rng: jax.Array, *,
                  temperature: float) -> list[Generation]:
@@ -330,7 +334,15 @@ def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None):
             temperature=temperature if temperature > 0 else 1.0, greedy=temperature == 0,
             top_p=float(config.rollout.top_p), top_k=int(config.rollout.top_k),
             max_new_tokens=int(config.rollout.max_response_len))
+        rows, prompt_len = sampler.program_shape(len(prompt_ids), max(len(p) for p in prompt_ids))
+        first = announce is not None and (rows, prompt_len, sampling) not in compiled_for
+        if first:
+            announce(f"compiling the sampler for {rows} rows x {prompt_len}-token prompts (first use of this shape)")
+            t0 = time.perf_counter()
         out = sampler.generate(params, [list(map(int, p)) for p in prompt_ids], rng, sampling)
+        if first:
+            compiled_for.add((rows, prompt_len, sampling))
+            announce(f"compiled the sampler and generated its first batch in {time.perf_counter() - t0:.1f} s")
         generations = []
         for row, length in enumerate(out.lengths):
             ids = out.tokens[row, :length]

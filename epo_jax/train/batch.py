@@ -6,21 +6,12 @@ minibatch / micro-batch split needs); rows past the samples are all-masked and c
 """
 from __future__ import annotations
 
-import bisect
 from typing import Sequence
 
 import numpy as np
 
+from epo_jax.models.sampler import bucket
 from epo_jax.rollout.samples import TurnSample
-
-
-def bucket(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= length."""
-    i = bisect.bisect_left(list(buckets), length)
-    if i == len(buckets):
-        raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}; "
-                         "raise rollout.prompt_buckets / rollout.max_prompt_len")
-    return int(buckets[i])
 
 
 def update_rows(num_samples: int, *, num_minibatches: int, micro_batch_size: int) -> int:

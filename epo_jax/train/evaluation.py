@@ -8,8 +8,10 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from epo_jax import envs
+from epo_jax.envs import panels
 from epo_jax.rollout import agent_loop
 from epo_jax.rollout.samples import Episode
 from epo_jax.train import environments, processes
@@ -26,16 +28,30 @@ def episode_metrics(prefix: str, episodes: Sequence[Episode]) -> dict[str, float
         out[f"{prefix}reward_mean"] = float(np.mean([e.reward for e in finished]))
         out[f"{prefix}score_mean"] = float(np.mean([e.score for e in finished]))
         out[f"{prefix}turns_mean"] = float(np.mean([e.num_turns for e in finished]))
-        out[f"{prefix}invalid_turn_rate"] = float(
-            np.sum([e.invalid_turns for e in finished]) / max(1, np.sum([e.num_turns for e in finished])))
+        invalid = float(np.sum([e.invalid_turns for e in finished]) / max(1, np.sum([e.num_turns for e in finished])))
+        out[f"{prefix}invalid_turn_rate"] = invalid
+        out[f"{prefix}valid_turn_rate"] = 1.0 - invalid
     return out
 
 
 def eval_specs(config, split: str) -> list[envs.EpisodeSpec]:
-    specs = envs.episodes(config.env.name, split, **environments.split_options(config))
-    # A fixed, evenly spread subset, the same at every evaluation.
-    idx = np.linspace(0, len(specs) - 1, num=min(config.eval.num_episodes, len(specs))).round().astype(int)
-    return [specs[i] for i in sorted(set(idx))]
+    """The split's evaluation panel (epo_jax/envs/panels.py): the same episodes for every seed,
+    method, process count and pool size."""
+    return panels.panel(config.env.name, split, config.eval.num_episodes, **environments.split_options(config))
+
+
+def eval_panels(config) -> dict[str, list[envs.EpisodeSpec]]:
+    """Every eval split's panel ({} when the run does not evaluate)."""
+    if not config.eval.every_steps:
+        return {}
+    return {split: eval_specs(config, split) for split in config.env.eval_splits}
+
+
+def write_panels(config, workdir: str, panels_by_split: dict[str, list[envs.EpisodeSpec]]) -> None:
+    """The run's panels as `eval_panel.json` in its work directory (for `epo_jax.report`)."""
+    if panels_by_split:
+        (epath.Path(workdir) / panels.PANEL_FILE).write_text(panels.to_json(
+            config.env.name, config.eval.num_episodes, panels_by_split, **environments.split_options(config)))
 
 
 def evaluate(config, policy_params, generate, tokenizer, rng, pool, layout: processes.ProcessLayout
@@ -47,10 +63,9 @@ def evaluate(config, policy_params, generate, tokenizer, rng, pool, layout: proc
     rng = layout.key(rng)
     for split in config.env.eval_splits:
         all_specs = eval_specs(config, split)
-        specs = all_specs[layout.process::layout.num_processes]  # this process's share
+        specs = panels.process_share(all_specs, layout.process, layout.num_processes)
         episodes = []
-        for wave, start in enumerate(range(0, len(specs), pool.num_groups)):
-            chunk = specs[start:start + pool.num_groups]
+        for wave, chunk in enumerate(panels.waves(specs, pool.num_groups)):
             padded = chunk + [chunk[0]] * (pool.num_groups - len(chunk))  # extras are dropped
             rollout = agent_loop.run_episodes(
                 pool, generate_eval, tokenizer, padded,

@@ -38,7 +38,7 @@ _PROGRESS_FIELDS = (
     ("success_rate", "succ", "{:.2f}"),
     ("reward_mean", "rew", "{:+.2f}"),
     ("score_mean", "score", "{:.1f}"),
-    ("invalid_turn_rate", "inv", "{:.2f}"),
+    ("valid_turn_rate", "valid", "{:.2f}"),
     ("entropy", "H", "{:.3f}"),
     ("epo/beta", "beta", "{:.3f}"),
     ("epo/smooth_penalty", "pen", "{:.4f}"),
@@ -48,6 +48,8 @@ _PROGRESS_FIELDS = (
     ("time/update_s", "upd", "{:.1f}s"),
     ("throughput/rollout_tokens_per_s", "tok/s", "{:.0f}"),
 )
+# Shown only when non-zero: minibatch updates skipped for a non-finite loss, gradient or result.
+_PROGRESS_ALERTS = (("skipped", "skipped updates", "{:.0f}"),)
 
 WANDB_RUN_ID_FILE = "wandb_run_id"
 WANDB_STEP_KEY = "rl_step"  # the x axis of every W&B chart
@@ -251,6 +253,9 @@ def progress_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> 
     parts = [f"step {step}/{total_steps}"]
     for key, short, fmt in _PROGRESS_FIELDS:
         if key in scalars and scalars[key] is not None and math.isfinite(scalars[key]):
+            parts.append(f"{short} " + fmt.format(scalars[key]))
+    for key, short, fmt in _PROGRESS_ALERTS:
+        if scalars.get(key):
             parts.append(f"{short} " + fmt.format(scalars[key]))
     return " | ".join(parts)
 

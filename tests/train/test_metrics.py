@@ -41,6 +41,10 @@ def test_non_finite_values_are_written_as_null(tmp_path):
 def test_progress_line():
     line = progress_line(3, 10, {"success_rate": 0.25, "entropy": 0.5, "time/rollout_s": 2.0})
     assert line == "step 3/10 | succ 0.25 | H 0.500 | roll 2.0s"
+    line = progress_line(4, 10, {"success_rate": 0.5, "score_mean": 37.5, "valid_turn_rate": 0.875,
+                                 "skipped": 0.0})
+    assert line == "step 4/10 | succ 0.50 | score 37.5 | valid 0.88"
+    assert progress_line(5, 10, {"entropy": 0.5, "skipped": 2.0}) == "step 5/10 | H 0.500 | skipped updates 2"
 
 
 def test_remote_mode_rewrites_the_log_and_copies_events(tmp_path, monkeypatch):

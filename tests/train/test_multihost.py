@@ -87,8 +87,10 @@ def test_two_processes_split_the_groups_and_match_one_process(tmp_path):
             assert b[key] == a[key], key
         for key in ("loss", "entropy", "pg_loss", "grad_norm"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    # Evaluation splits its 3 episodes per split over the processes (2 + 1) and gathers them.
+    # Evaluation splits its 3 episodes per split over the processes (2 + 1) and gathers them: the
+    # same panel as one process evaluates.
     assert records_two[-1]["eval/iid/episodes"] == records_one[-1]["eval/iid/episodes"] == 3
+    assert (two / "eval_panel.json").read_text() == (one / "eval_panel.json").read_text()
     np.testing.assert_allclose(records_two[-1]["eval/ood/turns_mean"], records_one[-1]["eval/ood/turns_mean"])
 
     params_one, params_two = checkpoint_params(one), checkpoint_params(two)
