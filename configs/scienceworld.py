@@ -41,5 +41,8 @@ def get_config(arg: str = ""):
     # the embedded SmolLM2-135M never writes the reply format on its own.
     c.env.tasks = ("find-non-living-thing", "lifespan-longest-lived", "lifespan-shortest-lived")
     c.sft.cold_start = True
-    c.sft.episodes = 32
+    # 16 expert episodes (74 turns, 20 steps of 4 turns) teach the format: the policy wrote it on
+    # every IID turn after them (bench/README.md); twice as many would double the ~20 minutes.
+    c.sft.episodes = 16
+    c.sft.eval_episodes = 6            # two per task
     return c
