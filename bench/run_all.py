@@ -1,6 +1,6 @@
 """The benchmark suite: one command, one table of where epo-jax's time goes.
 
-    python bench/run_all.py [--quick] [--only sampler update loss envs rl_step] [--out table.md]
+    python bench/run_all.py [--quick] [--only sampler update cold_start loss envs rl_step] [--out table.md]
 
 Every row is a ratio between two measurements taken in this same run, so a noisy or shared
 machine moves both sides alike instead of misleading:
@@ -12,6 +12,8 @@ machine moves both sides alike instead of misleading:
             tokens/s, and model FLOPs utilisation = model FLOP/s (PaLM's 6N + 12 L D T per token)
             against the peak FLOP/s of a large jitted matmul measured here, in float32 and in
             bfloat16 compute;
+  cold_start one optimizer step of the supervised cold start (epo_jax.sft) on a batch of the CPU
+            default's shape: tokens/s and MFU against the same float32 matmul peak;
   loss      the EPO objective against plain PPO (value_and_grad step time), and the chunked
             log-prob / entropy head against the naive one (compiled peak memory at a 152k
             vocabulary; bench/loss.py);
@@ -43,7 +45,7 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = ("sampler", "update", "loss", "envs", "rl_step")
+SECTIONS = ("sampler", "update", "cold_start", "loss", "envs", "rl_step")
 
 
 def _bench_module(name: str):
@@ -115,6 +117,57 @@ def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
     return 4 * 2 * n**3 / best
 
 
+def best_step_seconds(step, state, batch, repeats: int) -> float:
+    """The fastest of `repeats` calls of a jitted `step(state, batch) -> (state, metrics)` after a
+    compiling one (the state is donated and threaded through)."""
+    state, _ = step(state, batch)  # compile
+    jax.block_until_ready(state)
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def model_flops_of(loaded, tokens: int, seq: int) -> float:
+    """Training FLOPs of `tokens` tokens in sequences of `seq`: PaLM's 6N + 12 L D T per token
+    (the rematerialised forward not counted)."""
+    cfg = loaded.config
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.params))
+    return tokens * (6 * num_params + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq)
+
+
+def cold_start_rows(quick: bool) -> list[dict]:
+    """One optimizer step of the supervised cold start (epo_jax.sft) on a batch of the CPU
+    default's shape: sft.batch_size turns x (768 prompt + rollout.max_response_len reply) tokens."""
+    import runpy
+
+    from epo_jax import sft
+    from epo_jax.models.loading import load_pretrained
+    from epo_jax.train import optim, sharding
+    from epo_jax.train.update import init_train_state
+
+    config = runpy.run_path(str(ROOT / "configs" / "scienceworld.py"))["get_config"]()
+    rows, prompt, response = (2, 64, 16) if quick else (config.sft.batch_size, 768, config.rollout.max_response_len)
+    config.rollout.max_response_len = response
+    loaded = load_pretrained("", dtype=config.model.dtype, remat=config.model.remat)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    optimizer = optim.make_optimizer(config.optim, 100)
+    state = init_train_state(config, {"policy": loaded.params}, optimizer, mesh)
+    step = jax.jit(sft.make_sft_step(config, loaded.graphdef, optimizer), donate_argnums=(0,))
+    batch = {k: v for k, v in _update_batch(rows, prompt, response, loaded.config.vocab_size).items()
+             if k in ("tokens", "attention_mask", "response_mask")}
+    best = best_step_seconds(step, state, sharding.shard_batch(batch, mesh), 1 if quick else 2)
+    seq = prompt + response
+    tokens = rows * seq
+    peak = matmul_peak(jnp.float32)
+    return [_row("cold_start", f"cold-start step, {rows} x {seq} tokens", tokens / best, "tok/s",
+                 "float32 2048^3 matmul peak", peak / 1e9, model_flops_of(loaded, tokens, seq) / best / peak,
+                 f"ratio = MFU; {best:.1f} s a step; a cold start's time is its padded tokens / these tok/s")]
+
+
 def _update_batch(rows: int, prompt: int, response: int, vocab: int) -> dict:
     rng = np.random.default_rng(0)
     return {
@@ -153,19 +206,10 @@ def update_rows(quick: bool) -> list[dict]:
         update = jax.jit(make_update_fn(config, actor_critic.make_forward_fn(config, loaded.graphdef), optimizer),
                          donate_argnums=(0,))
         batch = sharding.shard_batch(_update_batch(rows_per_batch, prompt, response, loaded.config.vocab_size), mesh)
-        state, _ = update(state, batch)  # compile
-        jax.block_until_ready(state)
-        best = np.inf
-        for _ in range(1 if quick else 2):
-            start = time.perf_counter()
-            state, metrics = update(state, batch)
-            jax.block_until_ready(metrics)
-            best = min(best, time.perf_counter() - start)
-        cfg = loaded.config
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.params))
+        best = best_step_seconds(update, state, batch, 1 if quick else 2)
         seq = prompt + response
         tokens = rows_per_batch * seq
-        model_flops = tokens * (6 * n_params + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq)
+        model_flops = model_flops_of(loaded, tokens, seq)
         peak = matmul_peak(jnp.dtype(dtype))
         out.append(_row("update", f"PPO+EPO update, {dtype} compute, {rows_per_batch} x {seq} tokens",
                         tokens / best, "tok/s", f"{dtype} 2048^3 matmul peak", peak / 1e9,
@@ -219,7 +263,8 @@ def rl_step_rows(quick: bool) -> list[dict]:
                    f"--config.workdir={workdir}", "--config.train.total_steps=3", "--config.eval.every_steps=0",
                    "--config.checkpoint.every_steps=1000"]
         if quick:
-            command += ["--config.env.max_turns=2", "--config.rollout.max_response_len=16"]
+            command += ["--config.env.max_turns=2", "--config.rollout.max_response_len=16",
+                        "--config.sft.cold_start=False"]
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"the RL step run failed:\n{proc.stderr[-3000:]}")
@@ -250,8 +295,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--out", default="", help="also write the table (markdown) to this file")
     args = parser.parse_args()
-    functions = {"sampler": sampler_rows, "update": update_rows, "loss": loss_rows, "envs": env_rows,
-                 "rl_step": rl_step_rows}
+    functions = {"sampler": sampler_rows, "update": update_rows, "cold_start": cold_start_rows, "loss": loss_rows,
+                 "envs": env_rows, "rl_step": rl_step_rows}
     device = jax.devices()[0]
     header = (f"epo-jax benchmark suite: jax {jax.__version__} on {device.platform} ({device.device_kind}), "
               f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "

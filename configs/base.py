@@ -22,6 +22,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                        # NVIDIA GPUs with bfloat16 compute, splash on TPU, xla otherwise)
     c.model.remat = False              # rematerialise each decoder layer in the backward pass
     c.model.logprob_chunk_size = 1024  # tokens per chunk of the log-prob / entropy head
+    # A Hugging Face folder the RL policy (and its KL reference) start from instead of model.path's
+    # weights, e.g. the policy folder of a cold start (python -m epo_jax.sft); "" = model.path.
+    c.model.init_from = ""
 
     # Generation (the sampler).
     c.rollout = ml_collections.ConfigDict()
@@ -141,6 +144,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.total_steps = 125          # K, RL steps (also the phase schedule's horizon)
     c.train.max_skipped_steps = 3      # stop after this many steps in a row whose updates were all skipped
+
+    # The supervised cold start on the environment's expert trajectories (epo_jax/sft.py), run by
+    # `python -m epo_jax.sft` or, with sft.cold_start, by `python -m epo_jax.main` before RL.
+    c.sft = ml_collections.ConfigDict()
+    c.sft.cold_start = False           # python -m epo_jax.main first makes (or reuses) the cold start and starts RL from it
+    c.sft.dir = ""                     # its folder; "" = a cache folder named after its settings (~/.cache/epo_jax/cold_start)
+    c.sft.episodes = 48                # expert episodes of the train split won within env.max_turns
+    c.sft.epochs = 1                   # passes over their turns
+    c.sft.batch_size = 4               # turns per optimizer step (micro-batches of algo.micro_batch_size rows)
+    c.sft.lr = 1e-4                    # peak AdamW learning rate (warmup, cosine decay, clipping: optim.*)
+    c.sft.checkpoint_every_steps = 10  # a killed cold start resumes from its last checkpoint
+    c.sft.eval_episodes = 8            # IID episodes the written policy is evaluated on (0 = none)
 
     # Device mesh. -1 = all remaining devices.
     c.mesh = ml_collections.ConfigDict()
@@ -266,14 +281,16 @@ def reference_preset(c: ml_collections.ConfigDict, *, seed: int, lr: float, ppo_
 
 
 def preset(c: ml_collections.ConfigDict, arg: str, *, config_file: str, cpu_max_turns: int,
-           reference: dict) -> ml_collections.ConfigDict:
-    """An environment config after its colon: '' the CPU default (`cpu_preset`), 'paper' the
-    paper's settings at accelerator numerics, 'reference' the released runs' (`reference_preset`
-    with the environment's `reference` settings)."""
+           reference: dict, cpu_settings=None) -> ml_collections.ConfigDict:
+    """An environment config after its colon: '' the CPU default (`cpu_preset`, then the
+    environment's own `cpu_settings(c)` if it has any), 'paper' the paper's settings at
+    accelerator numerics, 'reference' the released runs' (`reference_preset` with the
+    environment's `reference` settings)."""
     if arg == "paper":
         return accelerator_numerics(c)
     if arg == "reference":
         return reference_preset(accelerator_numerics(c), **reference)
     if arg:
         raise ValueError(f"configs/{config_file} takes '', 'paper' or 'reference' after the colon, got {arg!r}")
-    return cpu_preset(c, max_turns=cpu_max_turns)
+    c = cpu_preset(c, max_turns=cpu_max_turns)
+    return cpu_settings(c) if cpu_settings is not None else c

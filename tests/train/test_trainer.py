@@ -29,7 +29,8 @@ def main_command(env: str, workdir, model_dir, total_steps: int, *extra: str) ->
             "--config.env.group_size=2", "--config.env.max_turns=2",
             "--config.rollout.max_response_len=16", "--config.algo.micro_batch_size=4",
             "--config.checkpoint.every_steps=1", "--config.checkpoint.async_save=False",
-            f"--config.eval.every_steps={total_steps}", "--config.eval.num_episodes=2", *extra]
+            f"--config.eval.every_steps={total_steps}", "--config.eval.num_episodes=2",
+            "--config.sft.cold_start=False", *extra]
 
 
 def run_main(*args, **kwargs) -> subprocess.CompletedProcess:
