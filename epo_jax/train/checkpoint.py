@@ -284,7 +284,7 @@ def _processes_agree(ok: bool) -> bool:
 # run extended or cut short would not continue on the schedule it followed.
 RESUMABLE_CHANGES = (
     "workdir", "eval.", "logging.", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
-    "mesh.", "distributed.", "model.remat", "model.logprob_chunk_size", "rollout.prompt_buckets",
+    "mesh.", "distributed.", "model.remat", "model.logprob_chunk_size", "rollout.prompt_buckets", "rollout.drift_every",
     "env.step_timeout_s", "env.jvm_heap")
 
 
