@@ -85,6 +85,16 @@ def test_drift_metrics_match_numpy_overall_and_per_turn():
     assert float(np.sum(drift.turn_token_count_M)) == mask[turns < MAX_TURNS].sum()
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 0.05, 0.3])
+def test_k3_of_a_small_drift_keeps_its_precision_in_float32(scale):
+    # A float32 / float32 drift of ~1e-6 makes k3 ~ 5e-13 per token: exp(d) - d - 1 in float32
+    # would give rounding of either sign; float64 numpy from the same float32 inputs is exact here.
+    trainer, sampler, mask, turns = drifted_logprobs(scale=scale)
+    drift = drift_metrics(trainer, sampler, mask, turns, MAX_TURNS)
+    np.testing.assert_allclose(drift.k3_kl, np_drift(trainer, sampler, mask)[2], rtol=1e-5)
+    assert float(drift.k3_kl) > 0.0
+
+
 def test_identical_log_probs_have_no_drift():
     trainer, _, mask, turns = drifted_logprobs()
     drift = drift_metrics(trainer, trainer, mask, turns, MAX_TURNS)
