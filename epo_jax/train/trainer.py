@@ -93,10 +93,14 @@ def trainer_logprobs_due(config, step: int) -> bool:
 
 
 def _rollout_correction(config, trainer_BxR, sampler_BxR, mask_BxR):
-    """{"rollout_weight", "rollout_keep"} of `algo.rollout_correction` and its metrics."""
+    """{"rollout_weight", "rollout_keep"} of `algo.rollout_correction` and its metrics. With the
+    sampler's pi_old (MIS only) the PPO ratio pi / pi_sampler is the importance weight already, so
+    MIS only rejects: weight 1 on the kept tokens (verl's bypass mode with rejection sampling)."""
     method, level = config.algo.rollout_correction, config.algo.rollout_correction_level
     cap = float(config.algo.rollout_correction_cap)
     correction = algo.importance_weights(method, level, cap, trainer_BxR, sampler_BxR, mask_BxR)
+    if config.algo.old_logprobs == "sampler":
+        correction = correction._replace(weight_BxT=correction.keep_BxT)
     metrics = algo.correction_metrics(correction, cap, trainer_BxR, sampler_BxR, mask_BxR, level)
     return ({"rollout_weight": correction.weight_BxT, "rollout_keep": correction.keep_BxT},
             {f"rollout_correction/{k}": v for k, v in metrics.items()})

@@ -122,6 +122,24 @@ def test_every_kind_of_score_pass_gives_pi_old_and_the_correction(algo):
     np.testing.assert_allclose(raw["rollout_correction/masked_fraction"], 1 - keep[mask > 0].mean(), rtol=1e-6)
 
 
+def test_mis_with_the_samplers_pi_old_only_rejects():
+    """With pi_old = pi_sampler the PPO ratio carries the importance weight: MIS keeps the same
+    tokens as with the trainer's pi_old, each with weight 1 (no rho on top of the ratio)."""
+    batch = rollout_batch()
+    mask = batch["response_mask"]
+    settings = dict(micro_batch_size=4, advantage="grpo", rollout_correction="mis")
+    arrays = {source: scored(tiny_config(old_logprobs=source, **settings), batch, mesh_of(1, 1, jax.devices()[:1]))[3]
+              for source in ("sampler", "trainer")}
+    log_rho = np.clip(np.asarray(arrays["sampler"]["trainer_logprobs"]) - batch["old_logprobs"], -20, 20)
+    keep = (mask > 0) & (np.abs(log_rho) <= np.log(2.0))
+    assert 0 < keep[mask > 0].mean() < 1
+    for source in arrays:
+        np.testing.assert_array_equal(arrays[source]["rollout_keep"], keep)
+    np.testing.assert_array_equal(arrays["sampler"]["rollout_weight"], keep)
+    assert "old_logprobs" not in arrays["sampler"]
+    np.testing.assert_allclose(arrays["trainer"]["rollout_weight"], np.where(keep, np.exp(log_rho), 0), rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def learned():
     """The learn stage of GRPO with pi_old from the trainer: without a correction and with TIS, on
