@@ -35,6 +35,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.rollout.top_k = 0                # 0 = no top-k
     c.rollout.stop_strings = ("</action>",)
     c.rollout.prompt_buckets = (256, 512, 1024, 2048)
+    # The sampler's compute dtype: model (= model.dtype) | auto | float32 | bfloat16; params are the
+    # trainer's, cast for the sampler (bfloat16 sampling with float32 training is the common
+    # accelerator setting, docs/algorithms.md section 6).
+    c.rollout.dtype = "model"
+    # Drift between the sampler's and the trainer's log-probs is measured every step where the score
+    # pass runs the policy anyway (PPO's value head, algo.old_logprobs=trainer, a rollout
+    # correction), else every drift_every steps at the cost of a policy forward (0: never).
+    c.rollout.drift_every = 1
     # AEPO's entropy-balanced rollout (docs/algorithms.md section 2 (a), (b); epo_jax/rollout/branching.py):
     # a group's env.group_size environments are split into rollouts from the start and branches
     # that fork running episodes (a fresh environment replays the parent's actions).
@@ -102,6 +110,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # trajectory = each trajectory once, scored by its return | turn = every turn sample, scored by
     # its own reward (verl-agent's compute_mean_std_cross_all_data=True).
     c.algo.group_count = "trajectory"
+    # pi_old of the PPO ratio: sampler = the sampler's log-probs of its tokens | trainer = the
+    # trainer's forward of the same tokens under the rollout params (the first minibatch's ratio is 1).
+    c.algo.old_logprobs = "sampler"
+    # Sampler / trainer mismatch correction of the policy-gradient term (docs/algorithms.md section 6):
+    # none | tis (weight min(pi_old / pi_sampler, C); needs old_logprobs = trainer) | mis (drop what
+    # leaves [1/C, C]), per token or per sequence, C = rollout_correction_cap.
+    c.algo.rollout_correction = "none"
+    c.algo.rollout_correction_level = "token"
+    c.algo.rollout_correction_cap = 2.0
     c.algo.ppo_epochs = 1
     c.algo.num_minibatches = 1
     c.algo.micro_batch_size = 8

@@ -20,7 +20,7 @@ import ml_collections
 from epo_jax import algo
 from epo_jax.errors import ConfigError
 from epo_jax.envs import ENV_NAMES
-from epo_jax.models.config import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, SUPPORTED_DTYPES as PARAM_DTYPES
+from epo_jax.models.config import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, SAMPLER_DTYPES, SUPPORTED_DTYPES as PARAM_DTYPES
 
 __all__ = ["ConfigError", "FIELD_RULES", "CROSS_FIELD_RULES", "check_overrides", "validate", "field_names"]
 
@@ -142,6 +142,8 @@ FIELD_RULES: dict[str, Check] = {
     "rollout.top_k": integer(low=0),
     "rollout.stop_strings": sequence_of(str),
     "rollout.prompt_buckets": sequence_of(int, non_empty=True, increasing=True),
+    "rollout.dtype": choice(SAMPLER_DTYPES),
+    "rollout.drift_every": integer(low=0),
     "rollout.branching": boolean,
     "rollout.branch_premonitor": boolean,
     "rollout.branch_initial_fraction": fraction(),
@@ -197,6 +199,10 @@ FIELD_RULES: dict[str, Check] = {
     "algo.kl_estimator": choice(algo.KL_ESTIMATORS),
     "algo.gigpo_omega": NON_NEGATIVE,
     "algo.gigpo_gamma": fraction(low_open=False),
+    "algo.old_logprobs": choice(algo.OLD_LOGPROB_SOURCES),
+    "algo.rollout_correction": choice(algo.ROLLOUT_CORRECTIONS),
+    "algo.rollout_correction_level": choice(algo.ROLLOUT_CORRECTION_LEVELS),
+    "algo.rollout_correction_cap": number(low=1.0, low_open=True),
     "algo.ppo_epochs": integer(low=1),
     "algo.num_minibatches": integer(low=1),
     "algo.micro_batch_size": integer(low=1),
@@ -294,6 +300,11 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule("algo.pack", lambda c: not c.algo.pack or c.model.attention != "cudnn",
                    lambda c: "False with model.attention='cudnn', which takes one run of tokens per row "
                              "(use model.attention='xla', or 'splash' on TPU)"),
+    CrossFieldRule("algo.old_logprobs",
+                   lambda c: c.algo.rollout_correction != "tis" or c.algo.old_logprobs == "trainer",
+                   lambda c: "'trainer' with algo.rollout_correction='tis': TIS weighs the surrogate by pi_old / "
+                             "pi_sampler with the trainer's pi_old (with 'sampler' the PPO ratio pi / pi_sampler "
+                             "holds that mismatch already); or use algo.rollout_correction='mis'"),
     CrossFieldRule("epo.kappa_r", lambda c: c.epo.kappa_r >= c.epo.kappa_l,
                    lambda c: f"a number >= epo.kappa_l ({c.epo.kappa_l}): the corridor is [kappa_l, kappa_r] x "
                              "reference"),

@@ -305,9 +305,15 @@ def _abstract_update_batch(config, run: AbstractRun, programs, rows: int, prompt
                 for k, v in tree.items()}
 
     batch = placed(host)
-    full = dict(batch, **placed(jax.eval_shape(programs.score, run.state.params, run.ref_params, batch)))
+    scored, _ = jax.eval_shape(_score_program(config, programs), run.state.params, run.ref_params, batch)
+    full = dict(batch, **placed(scored))
     full.update(placed(jax.eval_shape(make_advantage_fn(config), full, full.get("old_values"))))
     return batch, full
+
+
+def _score_program(config, programs):
+    """The score pass of the run's first RL step (with the trainer's log-probs when it computes them)."""
+    return programs.score[trainer.trainer_logprobs_due(config, 1)]
 
 
 def learner_costs(config, run: AbstractRun, rows: int, prompt_len: int) -> list[ProgramCost]:
@@ -315,7 +321,8 @@ def learner_costs(config, run: AbstractRun, rows: int, prompt_len: int) -> list[
     state_sharding = jax.tree.map(lambda x: x.sharding, run.state)
     programs = trainer.jit_learner_programs(config, run.graphdef, run.optimizer, state_sharding)
     batch, full = _abstract_update_batch(config, run, programs, rows, prompt_len)
-    score, _ = _compile("score pass", programs.score.lower(run.state.params, run.ref_params, batch),
+    score_program = _score_program(config, programs)
+    score, _ = _compile("score pass", score_program.lower(run.state.params, run.ref_params, batch),
                         device_bytes(batch))
     update, _ = _compile("update", programs.update.lower(run.state, full), device_bytes(full))
     return [update, score]

@@ -148,6 +148,29 @@ def test_cross_field_rules():
     c.model.attention = "cudnn"
     with pytest.raises(ConfigError, match=r"algo.pack' = True.*model.attention='cudnn'"):
         validate(c)
+    c = load("scienceworld")
+    c.algo.rollout_correction = "tis"  # TIS weighs by pi_old / pi_sampler: pi_old must be the trainer's
+    with pytest.raises(ConfigError, match=r"algo.old_logprobs' = 'sampler'.*'trainer' with algo.rollout_correction"):
+        validate(c)
+    c.algo.old_logprobs = "trainer"
+    validate(c)
+    c.algo.old_logprobs, c.algo.rollout_correction = "sampler", "mis"
+    validate(c)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("rollout.dtype", "float16", "'model', 'auto', 'float32', 'bfloat16'"),
+    ("algo.rollout_correction_cap", 1.0, "> 1.0"),
+    ("algo.rollout_correction_level", "seq", "'token', 'sequence'"),
+    ("rollout.drift_every", -1, ">= 0"),
+])
+def test_rollout_drift_fields_name_what_they_accept(field, value, words):
+    c = load("scienceworld")
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=f"'{field}'") as error:
+        validate(c)
+    assert words in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["base", "scienceworld", "alfworld", "mini"])

@@ -7,11 +7,12 @@ entropy_control: AEPO's entropy-aware advantage, Clip-Cov, KL-Cov, high-entropy 
 advantages:   GAE, GRPO / Dr.GRPO, RLOO, GiGPO, whitening
 epo:          trajectory entropy (Eq. 2), smoothing penalty (Eq. 3-4), phase weight (Eq. 5), the
               paper's regulariser (Eq. 6) and the official code's, the entropy history
+rollout_correction: drift between sampler and trainer log-probs, TIS / MIS weights (Yao et al. 2025, verl)
 loss:         make_loss_fn(LossSettings.from_config(config), forward_fn) -> loss_fn(params, batch, state)
 The tuples of allowed config values live beside the code that uses them: ADVANTAGE_ESTIMATORS,
 GROUP_COUNTS, GIGPO_MODES, GIGPO_STEP_PENALTIES (advantages), ENTROPY_CONTROLS (loss),
 LOSS_AGG_MODES (aggregation), KL_ESTIMATORS (ppo), EPO_MODES, BETA_SCHEDULES, ENTROPY_AGGREGATIONS,
-CODE_MASK_MODES (epo).
+CODE_MASK_MODES (epo), OLD_LOGPROB_SOURCES, ROLLOUT_CORRECTIONS, ROLLOUT_CORRECTION_LEVELS (rollout_correction).
 Formulas and sources: each function's docstring (papers cited there).
 """
 from epo_jax.algo.advantages import (
@@ -81,6 +82,18 @@ from epo_jax.algo.loss import (
     make_loss_fn,
     policy_objective,
 )
+from epo_jax.algo.rollout_correction import (
+    CORRECTION_METRICS,
+    OLD_LOGPROB_SOURCES,
+    ROLLOUT_CORRECTION_LEVELS,
+    ROLLOUT_CORRECTIONS,
+    Drift,
+    RolloutCorrection,
+    correction_metrics,
+    drift_metrics,
+    importance_log_ratio,
+    importance_weights,
+)
 from epo_jax.algo.ppo import (
     KL_ESTIMATORS,
     PolicyLoss,
@@ -106,8 +119,12 @@ __all__ = [
     "code_phase_weight",
     "code_regularizer",
     "code_smoothing_penalty",
+    "CORRECTION_METRICS",
+    "correction_metrics",
     "dense_segment_ids",
     "descending_rank",
+    "Drift",
+    "drift_metrics",
     "ENTROPY_AGGREGATIONS",
     "entropy_aware_advantages",
     "ENTROPY_CONTROL_METRICS",
@@ -133,6 +150,8 @@ __all__ = [
     "GROUP_COUNTS",
     "grpo_advantages",
     "history_smoothing_penalty",
+    "importance_log_ratio",
+    "importance_weights",
     "kl_cov_token_losses",
     "KL_ESTIMATORS",
     "kl_penalty",
@@ -148,6 +167,7 @@ __all__ = [
     "make_loss_fn",
     "masked_mean",
     "masked_sum",
+    "OLD_LOGPROB_SOURCES",
     "paper_regularizer",
     "phase_weight",
     "place_reward_on_last_token",
@@ -157,6 +177,9 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_token_losses",
     "rloo_advantages",
+    "ROLLOUT_CORRECTION_LEVELS",
+    "ROLLOUT_CORRECTIONS",
+    "RolloutCorrection",
     "smoothing_penalty",
     "standardized_entropy",
     "step_discounted_returns",

@@ -11,6 +11,9 @@ or, with no entropy term, a per-token reshaping of L_MT (epo_jax/algo/entropy_co
   kl_cov:      unclipped -A r, + coef |log pi - log pi_old| on the top-k tokens by Cov   (KL-Cov, section 3)
   top_entropy: policy gradient only through the top fraction of tokens by H  (arXiv 2506.01939, section 3)
 DAPO's clip-higher is `algo.clip_low=0.2, algo.clip_high=0.28` with any of them.
+`algo.rollout_correction` (tis | mis, epo_jax/algo/rollout_correction.py) weighs L_MT's per-token
+loss, after any of these reshapings, by the batch's detached "rollout_weight" and aggregates it over
+its "rollout_keep" tokens; the entropy, KL and value terms are not weighted.
 `epo.mode` picks the paper's regulariser (hinge against the cumulative history, Eq. 3-6) or the
 official code's (indicator {0, alpha}, per-turn history including the current step, turn gate,
 150-epoch weight curve); docs/algorithms.md lists where code mode still differs from the
@@ -98,6 +101,8 @@ class LossInputs(NamedTuple):
     advantages_BxT: jax.Array
     traj_id_B: jax.Array
     turn_index_B: jax.Array
+    rollout_weight_BxT: jax.Array | None = None  # rollout correction: w per token (None: no correction)
+    rollout_keep_BxT: jax.Array | None = None    # rollout correction: tokens kept in L_MT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +133,7 @@ class LossSettings:
     kl_cov_ratio: float
     kl_cov_coef: float
     top_entropy_fraction: float
+    rollout_correction: str  # ROLLOUT_CORRECTIONS
     epo: EpoSettings
 
     @classmethod
@@ -152,7 +158,10 @@ def _require(batch: Mapping[str, jax.Array], key: str, reason: str) -> jax.Array
     return batch[key]
 
 
-def _loss_inputs(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> LossInputs:
+def _loss_inputs(settings: LossSettings, outputs: Mapping[str, jax.Array],
+                 batch: Mapping[str, jax.Array]) -> LossInputs:
+    corrected = settings.rollout_correction != "none"
+    reason = f"algo.rollout_correction={settings.rollout_correction!r} (the score pass computes it)"
     inputs = LossInputs(
         logprobs_BxT=outputs["logprobs"],
         entropy_BxT=outputs["entropy"],
@@ -161,9 +170,12 @@ def _loss_inputs(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
         advantages_BxT=_require(batch, "advantages", "the PPO surrogate needs advantages"),
         traj_id_B=_require(batch, "traj_id", "losses aggregate per trajectory"),
         turn_index_B=_require(batch, "turn_index", "the entropy history is kept per turn index"),
+        rollout_weight_BxT=jax.lax.stop_gradient(_require(batch, "rollout_weight", reason)) if corrected else None,
+        rollout_keep_BxT=_require(batch, "rollout_keep", reason).astype(jnp.float32) if corrected else None,
     )
     chex.assert_equal_shape([inputs.logprobs_BxT, inputs.entropy_BxT, inputs.mask_BxT,
-                             inputs.old_logprobs_BxT, inputs.advantages_BxT])
+                             inputs.old_logprobs_BxT, inputs.advantages_BxT]
+                            + ([inputs.rollout_weight_BxT, inputs.rollout_keep_BxT] if corrected else []))
     chex.assert_shape([inputs.traj_id_B, inputs.turn_index_B], (inputs.mask_BxT.shape[0],))
     return inputs
 
@@ -261,11 +273,19 @@ _POLICY_OBJECTIVES = {
 
 def policy_objective(settings: LossSettings, inputs: LossInputs, step: jax.Array) -> tuple[PolicyLoss, Metrics]:
     """L_MT (dual-clip PPO) with the per-token reshaping of `algo.entropy_control`, aggregated with
-    `algo.loss_agg`, and the metrics of ENTROPY_CONTROL_METRICS (0 for the controls not in use)."""
+    `algo.loss_agg`, and the metrics of ENTROPY_CONTROL_METRICS (0 for the controls not in use).
+
+    With a rollout correction the reshaped per-token loss l is sg(w) l, aggregated (and its clip
+    fractions and ppo_kl taken) over the kept tokens only, as verl applies `rollout_is_weights` to
+    every policy loss and its rejection mask to the loss aggregation."""
     terms, own_metrics = _POLICY_OBJECTIVES[settings.entropy_control](settings, inputs, step)
     metrics: Metrics = {name: jnp.zeros((), jnp.float32) for name in ENTROPY_CONTROL_METRICS}
     metrics.update(own_metrics)
-    return summarize_policy_terms(terms, inputs.mask_BxT, settings.loss_agg, inputs.traj_id_B), metrics
+    mask_BxT = inputs.mask_BxT
+    if inputs.rollout_weight_BxT is not None:
+        terms = terms._replace(loss_BxT=terms.loss_BxT * inputs.rollout_weight_BxT)
+        mask_BxT = mask_BxT * inputs.rollout_keep_BxT
+    return summarize_policy_terms(terms, mask_BxT, settings.loss_agg, inputs.traj_id_B), metrics
 
 
 def _epo_regularizer(settings: EpoSettings, inputs: LossInputs, state: LossState, sums: EntropySums) -> EpoTerms:
@@ -287,6 +307,7 @@ def make_loss_fn(
     [B, T] and "entropy" [B, T] (e.g. from `logprobs_and_entropy`) and, for a PPO critic, "values"
     [B, T]. batch holds "response_mask" [B, T], "old_logprobs" [B, T], "advantages" [B, T],
     "turn_index" [B] int32, "traj_id" [B] int32, "ref_logprobs" [B, T] when algo.use_kl_loss,
+    "rollout_weight" and "rollout_keep" [B, T] with a rollout correction (`rollout_correction`),
     "returns" and "old_values" [B, T] when forward_fn returns values, plus whatever forward_fn reads.
 
     entropy_sums (detached, additive over micro-batches) feed `loss_state_update`. Metrics
@@ -308,7 +329,7 @@ def make_loss_fn(
 
     def loss_fn(params: Any, batch: Mapping[str, jax.Array], state: LossState) -> tuple[jax.Array, LossAux]:
         outputs = forward_fn(params, batch)
-        inputs = _loss_inputs(outputs, batch)
+        inputs = _loss_inputs(settings, outputs, batch)
         mask_BxT = inputs.mask_BxT
         policy, control_metrics = policy_objective(settings, inputs, state.step)
         sums = entropy_sums(inputs.entropy_BxT, mask_BxT, inputs.turn_index_B, settings.epo.max_turns)

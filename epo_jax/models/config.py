@@ -24,6 +24,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("auto",) + SUPPORTED_DTYPES           # allowed values of model.dtype
+SAMPLER_DTYPES = ("model",) + COMPUTE_DTYPES            # allowed values of rollout.dtype ("model": model.dtype)
 ATTENTION_IMPLEMENTATIONS = attention_lib.IMPLEMENTATIONS  # allowed values of model.attention
 
 # Architecture-only folders (a config.json, no weights) of the models EPO was run with, for sizing

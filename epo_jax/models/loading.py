@@ -1,5 +1,6 @@
 """Checkpoints in and out: Hugging Face folders (config.json + safetensors), GGUF files, the embedded
-SmolLM2-135M-Instruct, and `save_pretrained` back to a folder that `transformers` loads.
+SmolLM2-135M-Instruct, and `save_pretrained` back to a folder that `transformers` loads;
+`with_compute_dtype` gives a loaded model's graph in another compute dtype (the sampler's).
 
 Tensors are read straight into (optionally sharded) jax arrays in the layout of `transformer.py`;
 nothing is downloaded.
@@ -7,6 +8,7 @@ nothing is downloaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -357,6 +359,38 @@ def load_pretrained(
     if path.endswith(".gguf"):
         return load_gguf(path, **options)
     return load_hf_folder(path, **options)
+
+
+def with_compute_dtype(model: LoadedModel, dtype: str, attention: str = "auto") -> LoadedModel:
+    """The same model (params, tokenizer) computing in `dtype` (rollout.dtype: "model" keeps
+    model.config's; "auto" / float32 / bfloat16 and `attention` (model.attention) resolve as for the
+    trainer, so a bfloat16 sampler may take another attention kernel than a float32 trainer).
+
+    The graph changes, the parameter tree does not: the trainer's params run it as they are (each
+    weight is cast to the compute dtype where it is used; `cast_for_compute` casts them once)."""
+    if dtype == "model":
+        return model
+    numerics = resolve_numerics(dtype, attention, model.config.head_dim)
+    if numerics["dtype"] == model.config.dtype and numerics["attention"] == model.config.attention:
+        return model
+    config = model.config.replace(**numerics)
+    graphdef, _ = abstract_params(config)
+    return dataclasses.replace(model, graphdef=graphdef, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast_floats(params: nnx.State, dtype: str) -> nnx.State:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def cast_for_compute(params: nnx.State, config: ModelConfig) -> nnx.State:
+    """params stored wider than config.dtype, cast to it (float32 weights of a bfloat16 sampler);
+    others unchanged. The model casts each weight to its compute dtype where it uses it, so the
+    outputs are the same; cast once, the decode steps read half the bytes of each weight."""
+    compute = jnp.dtype(config.dtype)
+    if all(jnp.dtype(x.dtype).itemsize <= compute.itemsize for x in jax.tree.leaves(params)):
+        return params
+    return _cast_floats(params, config.dtype)
 
 
 def _hf_tensors(params: nnx.State) -> Iterator[tuple[str, np.ndarray]]:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from epo_jax.envs import EnvPool, EpisodeSpec, Replay, StepResult
+from epo_jax.models.loading import cast_for_compute
 from epo_jax.models.sampler import Sampler, SamplingParams
 from epo_jax.rollout import branching as branching_lib
 from epo_jax.rollout import prompts as prompts_lib
@@ -334,7 +335,9 @@ def sampling_params(config, temperature: float) -> SamplingParams:
 def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None,
                      announce: Callable[[str], None] | None = None):
     """generate(params, prompt_ids, rng, *, temperature) -> [Generation] with our sampler
-    (one compiled program per prompt-length and batch bucket; params are an argument).
+    (one compiled program per prompt-length and batch bucket; params are an argument), computing
+    as `graphdef` / `model_config` say (the trainer's model, or `loading.with_compute_dtype`'s for
+    rollout.dtype): params stored wider than that dtype are cast to it first.
 
     `announce(message)`, if given, hears when a call needs programs of a new shape (they compile
     during that call, which is the slow part of a first rollout) and how long that call took."""
@@ -349,7 +352,8 @@ def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None,
         if first:
             announce(f"compiling the sampler for {rows} rows x {prompt_len}-token prompts (first use of this shape)")
             t0 = time.perf_counter()
-        out = sampler.generate(params, [list(map(int, p)) for p in prompt_ids], rng, sampling)
+        out = sampler.generate(cast_for_compute(params, model_config), [list(map(int, p)) for p in prompt_ids],
+                               rng, sampling)
         if first:
             compiled_for.add((rows, prompt_len, sampling))
             announce(f"compiled the sampler and generated its first batch in {time.perf_counter() - t0:.1f} s")

@@ -44,6 +44,7 @@ _PROGRESS_FIELDS = (
     ("epo/smooth_penalty", "pen", "{:.4f}"),
     ("pg_clipfrac", "clip", "{:.3f}"),
     ("ppo_kl", "kl", "{:+.4f}"),
+    ("drift/logprob_diff_mean", "drift", "{:.1e}"),  # mean |log p_trainer - log p_sampler|
     ("time/rollout_s", "roll", "{:.1f}s"),
     ("time/update_s", "upd", "{:.1f}s"),
     ("throughput/rollout_tokens_per_s", "tok/s", "{:.0f}"),

@@ -11,7 +11,8 @@ One RL step k, as the named stages of `train_and_evaluate`:
              a host-local copy of the params (epo_jax.train.processes).
   make the update batch: turn samples -> padded arrays (epo_jax.train.batch), sharded over
              data x fsdp; the processes agree on one shape and each contributes its own rows.
-  learn:     score (critic values and reference log-probs, one jitted forward), advantages
+  learn:     score (critic values, reference log-probs and the trainer's log-probs of the rollout
+             tokens with their drift from the sampler's, one jitted forward), advantages
              (GAE / GRPO / Dr.GRPO / RLOO / GiGPO, epo_jax.train.batch_advantages), update (PPO
              epochs x minibatches x micro-batches with EPO's objective, epo_jax.train.update).
   evaluate:  every `eval.every_steps` on the IID and OOD splits at the eval temperature.
@@ -35,8 +36,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from epo_jax import algo
 from epo_jax.errors import ConfigError, UserError
-from epo_jax.models.loading import EMBEDDED_MODEL, LoadedModel, load_pretrained
+from epo_jax.models.loading import EMBEDDED_MODEL, LoadedModel, load_pretrained, with_compute_dtype
 from epo_jax.rollout import agent_loop
 from epo_jax.rollout.samples import TurnSample
 from epo_jax.train import actor_critic, environments, evaluation, optim, processes, sharding
@@ -77,17 +79,57 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_score_fn(config, forward_fn, ref_forward_fn):
-    """score(params, ref_params, batch) -> {"old_values"?, "ref_logprobs"?}, in micro-batches."""
+def trainer_logprobs_due(config, step: int) -> bool:
+    """Whether the score pass of RL step `step` computes the trainer's log-probs of the rollout
+    tokens: always when PPO's ratio or a rollout correction needs them, or when the value head's
+    forward gives them at the cost of the log-prob head alone; else every `rollout.drift_every`
+    steps from step 1 (a forward of the policy each time; 0: never)."""
+    if config.algo.old_logprobs == "trainer" or config.algo.rollout_correction != "none":
+        return True
+    if actor_critic.needs_critic(config) and config.algo.critic == "value_head":
+        return True
+    every = int(config.rollout.drift_every)
+    return bool(every) and (step - 1) % every == 0
+
+
+def _rollout_correction(config, trainer_BxR, sampler_BxR, mask_BxR):
+    """{"rollout_weight", "rollout_keep"} of `algo.rollout_correction` and its metrics. With the
+    sampler's pi_old (MIS only) the PPO ratio pi / pi_sampler is the importance weight already, so
+    MIS only rejects: weight 1 on the kept tokens (verl's bypass mode with rejection sampling)."""
+    method, level = config.algo.rollout_correction, config.algo.rollout_correction_level
+    cap = float(config.algo.rollout_correction_cap)
+    correction = algo.importance_weights(method, level, cap, trainer_BxR, sampler_BxR, mask_BxR)
+    if config.algo.old_logprobs == "sampler":
+        correction = correction._replace(weight_BxT=correction.keep_BxT)
+    metrics = algo.correction_metrics(correction, cap, trainer_BxR, sampler_BxR, mask_BxR, level)
+    return ({"rollout_weight": correction.weight_BxT, "rollout_keep": correction.keep_BxT},
+            {f"rollout_correction/{k}": v for k, v in metrics.items()})
+
+
+def make_score_fn(config, forward_fn, policy_forward_fn, *, trainer_logprobs: bool):
+    """score(params, ref_params, batch) -> (arrays, metrics): the forwards under the rollout params
+    before the update, in micro-batches.
+
+    arrays: "old_values" (PPO's critic), "ref_logprobs" (the KL reference) and, with
+    `trainer_logprobs`, "trainer_logprobs" (the policy's teacher-forced log-probs of the rollout
+    tokens), "old_logprobs" replaced by them under algo.old_logprobs=trainer, and a rollout
+    correction's "rollout_weight" / "rollout_keep". metrics (with trainer_logprobs): the drift of
+    batch["old_logprobs"] (the sampler's) from the trainer's, `algo.Drift`, and the correction's."""
     micro = int(config.algo.micro_batch_size)
+    critic = actor_critic.needs_critic(config)
 
     def score(params, ref_params, batch):
         def one(micro_batch):
             out = {}
-            if actor_critic.needs_critic(config):
-                out["old_values"] = forward_fn(params, micro_batch)["values"]
+            if critic or trainer_logprobs:
+                # With a value head, one forward gives the values and the policy's log-probs.
+                policy_out = (forward_fn if critic else policy_forward_fn)(params, micro_batch)
+                if critic:
+                    out["old_values"] = policy_out["values"]
+                if trainer_logprobs:
+                    out["trainer_logprobs"] = policy_out["logprobs"]
             if ref_params is not None:
-                out["ref_logprobs"] = ref_forward_fn({"policy": ref_params}, micro_batch)["logprobs"]
+                out["ref_logprobs"] = policy_forward_fn({"policy": ref_params}, micro_batch)["logprobs"]
             return out
 
         rows = batch["tokens"].shape[0]
@@ -99,7 +141,19 @@ def make_score_fn(config, forward_fn, ref_forward_fn):
         if "pack_index" in batch:  # packed rows: arrangement 0, the rows in order
             inputs.update(pack_index=batch["pack_index"][0], pack_response_start=split(batch["pack_response_start"][0]))
         out = jax.lax.map(one, inputs)
-        return {k: v.swapaxes(0, 1).reshape(rows, *v.shape[2:]) for k, v in out.items()}
+        arrays = {k: v.swapaxes(0, 1).reshape(rows, *v.shape[2:]) for k, v in out.items()}
+        if not trainer_logprobs:
+            return arrays, {}
+        trainer_BxR, sampler_BxR, mask_BxR = arrays["trainer_logprobs"], batch["old_logprobs"], batch["response_mask"]
+        metrics = {"drift": algo.drift_metrics(trainer_BxR, sampler_BxR, mask_BxR, batch["turn_index"],
+                                               int(config.epo.max_turns))}
+        if config.algo.old_logprobs == "trainer":
+            arrays["old_logprobs"] = trainer_BxR
+        if config.algo.rollout_correction != "none":
+            correction_arrays, correction_metrics = _rollout_correction(config, trainer_BxR, sampler_BxR, mask_BxR)
+            arrays.update(correction_arrays)
+            metrics.update(correction_metrics)
+        return arrays, metrics
 
     return score
 
@@ -133,7 +187,8 @@ class Programs:
     """The run's jitted functions, compiled on first use per shape."""
 
     update: Any     # (TrainState, batch) -> (TrainState, metrics); donates the state
-    score: Any      # (params, ref_params, batch) -> {"old_values"?, "ref_logprobs"?}
+    # trainer_logprobs (bool) -> (params, ref_params, batch) -> (arrays, metrics) (make_score_fn)
+    score: dict[bool, Any]
     advantages: Any  # (batch, old_values | None) -> {"advantages"[, "returns"]}
     generate: Any   # (policy params, prompt ids, rng, *, temperature) -> [Generation]
 
@@ -143,28 +198,38 @@ class LearnerPrograms(NamedTuple):
     and as `epo_jax.plan` lowers them at abstract shapes to size a run."""
 
     update: Any  # (TrainState, batch) -> (TrainState, metrics); the state sharded as given, donated
-    score: Any   # (params, ref_params, batch) -> {"old_values"?, "ref_logprobs"?}
+    # {with the trainer's log-probs?: (params, ref_params, batch) -> ({"old_values"?, "ref_logprobs"?,
+    # "trainer_logprobs"?, ...}, drift and correction metrics)}; which one a step runs: trainer_logprobs_due
+    score: dict[bool, Any]
 
 
 def jit_learner_programs(config, graphdef, optimizer, state_sharding) -> LearnerPrograms:
-    """The update and the score pass for a run config, a model's graphdef and the train state's sharding."""
+    """The update and the score passes for a run config, a model's graphdef and the train state's sharding."""
     forward_fn = actor_critic.make_forward_fn(config, graphdef)
+    policy_forward_fn = actor_critic.make_forward_fn(config, graphdef, with_critic=False)
     update = jax.jit(make_update_fn(config, forward_fn, optimizer),
                      in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
                      donate_argnums=(0,))
-    score = jax.jit(make_score_fn(config, forward_fn,
-                                  actor_critic.make_forward_fn(config, graphdef, with_critic=False)))
+    score = {with_logprobs: jax.jit(make_score_fn(config, forward_fn, policy_forward_fn,
+                                                  trainer_logprobs=with_logprobs))
+             for with_logprobs in (False, True)}
     return LearnerPrograms(update=update, score=score)
 
 
 def _build_programs(config, model: LoadedModel, optimizer, mesh, state_sharding, local_mesh,
                     progress: Progress) -> Programs:
     update, score = jit_learner_programs(config, model.graphdef, optimizer, state_sharding)
-    generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer, local_mesh,
-                                           announce=progress.info)
     kernel_mesh = mesh if model.config.attention == "splash" else None
-    return Programs(update=CompiledPerShape(update, "the update", progress, kernel_mesh),
-                    score=CompiledPerShape(score, "the score pass", progress, kernel_mesh),
+    score = {with_logprobs: CompiledPerShape(
+        jitted, "the score pass" + (" with the trainer's log-probs" if with_logprobs else ""), progress, kernel_mesh)
+        for with_logprobs, jitted in score.items()}
+    sampler = with_compute_dtype(model, config.rollout.dtype, config.model.attention)
+    if sampler is not model:
+        progress.info(f"sampler: compute {sampler.config.dtype}, {sampler.config.attention} attention "
+                      f"(rollout.dtype={config.rollout.dtype})")
+    generate = agent_loop.make_generate_fn(config, sampler.graphdef, sampler.config, model.tokenizer, local_mesh,
+                                           announce=progress.info)
+    return Programs(update=CompiledPerShape(update, "the update", progress, kernel_mesh), score=score,
                     advantages=jax.jit(make_advantage_fn(config)), generate=generate)
 
 
@@ -374,19 +439,22 @@ def pack_layout(run: _Run, host_batch: dict[str, np.ndarray], rng: jax.Array | N
 _epoch_orders = jax.jit(epoch_orders, static_argnums=(1, 2))
 
 
-def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None) -> tuple[TrainState, dict]:
-    """SCORE + ADVANTAGES + UPDATE. Without a batch (every episode crashed) no update runs, but
-    the RL step k still advances, so the phase schedule and the run stay in step."""
+def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None, step: int) -> tuple[TrainState, dict]:
+    """SCORE + ADVANTAGES + UPDATE of RL step `step`. Without a batch (every episode crashed) no
+    update runs, but the RL step k still advances, so the phase schedule and the run stay in step."""
     if update_batch is None:
         logging.warning("every episode of this step crashed; no update")
         return skip_rl_step(state), {}
     t_start = time.perf_counter()
     batch = dict(update_batch.arrays)
-    batch.update(run.programs.score(state.params, run.ref_params, batch))
+    scored, score_metrics = run.programs.score[trainer_logprobs_due(run.config, step)](
+        state.params, run.ref_params, batch)
+    batch.update(scored)
     batch.update(run.programs.advantages(batch, batch.get("old_values")))
     run.progress.begin_update(run.config.algo.ppo_epochs * batch["tokens"].shape[0] // run.config.algo.micro_batch_size)
     state, update_metrics = run.programs.update(state, batch)
     metrics = _update_metrics(jax.tree.map(processes.host_value, update_metrics))
+    metrics.update(score_pass_metrics(jax.tree.map(processes.host_value, score_metrics)))
     metrics["time/update_s"] = time.perf_counter() - t_start
     metrics["batch/turn_samples"] = float(update_batch.num_samples)
     metrics["batch/rows"] = float(batch["tokens"].shape[0])
@@ -407,6 +475,23 @@ def _update_metrics(raw: dict[str, Any]) -> dict[str, float]:
     for key in ("beta", "smooth_penalty", "smooth_fraction", "entropy_reference", "entropy_loss"):
         if key in out:
             out[f"epo/{key}"] = out.pop(key)
+    return out
+
+
+def score_pass_metrics(raw: dict[str, Any]) -> dict[str, float]:
+    """Flattens the score pass's metrics: the drift as drift/<name> and, per turn index with
+    tokens, drift/turn_<t>/<name>; the correction's as they are."""
+    out = {k: float(v) for k, v in raw.items() if k != "drift"}
+    if "drift" not in raw:
+        return out
+    drift = raw["drift"]
+    names = {"logprob_diff_mean": "mean_abs_diff", "logprob_diff_max": "max_abs_diff", "k3_kl": "k3_kl",
+             "ratio_outside_fraction": "outside_fraction"}
+    for name, field in names.items():
+        out[f"drift/{name}"] = float(getattr(drift, field))
+        per_turn = np.asarray(getattr(drift, f"turn_{field}_M"))
+        for t in np.flatnonzero(np.asarray(drift.turn_token_count_M)):
+            out[f"drift/turn_{t:02d}/{name}"] = float(per_turn[t])
     return out
 
 
@@ -475,7 +560,7 @@ def train_and_evaluate(config) -> TrainState:
                 progress.begin_step(step, total)
                 t_step = time.perf_counter()
                 collected, cursor = collect(run, state, step, cursor)
-                state, learned = learn(run, state, make_update_batch(run, collected.samples, state.rng))
+                state, learned = learn(run, state, make_update_batch(run, collected.samples, state.rng), step)
                 metrics = {**collected.metrics, **learned, "time/step_s": time.perf_counter() - t_step}
                 if _due(step, config.eval.every_steps, total):
                     metrics.update(evaluate_stage(run, state, step))
