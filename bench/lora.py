@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import runpy
+import sys
 import time
 
 import jax
@@ -89,6 +90,7 @@ class _Variant:
         self.compile_s = time.perf_counter() - start
         self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
         self.times: list[float] = []
+        print(f"compiled {name} in {self.compile_s:.0f} s", file=sys.stderr, flush=True)
 
     def time_once(self) -> None:
         start = time.perf_counter()
@@ -104,6 +106,7 @@ def update_table(rows: int, prompt: int, rank: int, repeats: int) -> str:
     for _ in range(repeats + 1):  # the first round warms up (allocations), then interleaved rounds
         for variant in variants:
             variant.time_once()
+            print(f"{variant.name}: {variant.times[-1]:.2f} s", file=sys.stderr, flush=True)
     reference = min(variants[0].times[1:])
     lines = [f"Update of {rows} x ({prompt} + 64) tokens, SmolLM2-135M, best of {repeats} interleaved:", "",
              "| variant | update s | / full | compile s | update temp MiB | params MiB | moments MiB | KL ref MiB |",
