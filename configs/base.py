@@ -111,6 +111,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.algo.ppo_epochs = 1
     c.algo.num_minibatches = 1
     c.algo.micro_batch_size = 8
+    # Packed update batches: each micro-batch's turn samples run through the model packed end to
+    # end into rows of at most pack_tokens tokens (0 = the longest turn sample, max_prompt_len +
+    # max_response_len), kept apart by segment ids, instead of one sample per padded row. The
+    # loss, its gradient and EPO's history are those of the padded rows (to float rounding).
+    c.algo.pack = False
+    c.algo.pack_tokens = 0
 
     # EPO (paper defaults; mode="code" reproduces the official code's variant).
     c.epo = ml_collections.ConfigDict()

@@ -215,6 +215,8 @@ FIELD_RULES: dict[str, Check] = {
     "algo.ppo_epochs": integer(low=1),
     "algo.num_minibatches": integer(low=1),
     "algo.micro_batch_size": integer(low=1),
+    "algo.pack": boolean,
+    "algo.pack_tokens": integer(low=0),
     "epo.mode": choice(algo.EPO_MODES),
     "epo.lam": NON_NEGATIVE,
     "epo.kappa_l": NON_NEGATIVE,
@@ -290,6 +292,15 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule("algo.clip_cov_ub", lambda c: c.algo.clip_cov_ub > c.algo.clip_cov_lb,
                    lambda c: f"a number > algo.clip_cov_lb ({c.algo.clip_cov_lb}): Clip-Cov's candidates have "
                              "lb < Cov < ub"),
+    CrossFieldRule("algo.pack_tokens",
+                   lambda c: c.algo.pack_tokens == 0
+                   or c.algo.pack_tokens >= c.rollout.max_prompt_len + c.rollout.max_response_len,
+                   lambda c: "0 (the longest turn sample) or an integer >= rollout.max_prompt_len + "
+                             f"rollout.max_response_len ({c.rollout.max_prompt_len + c.rollout.max_response_len}): "
+                             "every turn sample must fit a packed row"),
+    CrossFieldRule("algo.pack", lambda c: not c.algo.pack or c.model.attention != "cudnn",
+                   lambda c: "False with model.attention='cudnn', which takes one run of tokens per row "
+                             "(use model.attention='xla', or 'splash' on TPU)"),
     CrossFieldRule("epo.kappa_r", lambda c: c.epo.kappa_r >= c.epo.kappa_l,
                    lambda c: f"a number >= epo.kappa_l ({c.epo.kappa_l}): the corridor is [kappa_l, kappa_r] x "
                              "reference"),

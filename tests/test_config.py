@@ -91,6 +91,7 @@ def test_reference_presets_hold_the_released_scripts_settings(env, seed, lr, alp
     ("rollout.prompt_buckets", (1024, 512), ["rollout.prompt_buckets", "increasing"]),
     ("workdir", "/etc/hostname/run", ["workdir", "/etc/hostname is a file"]),
     ("workdir", "", ["workdir", "non-empty"]),
+    ("algo.pack_tokens", -1, ["algo.pack_tokens", ">= 0"]),
 ])
 def test_bad_values_name_field_and_range(field, value, words):
     c = load("scienceworld")
@@ -136,6 +137,16 @@ def test_cross_field_rules():
     c = load("scienceworld")
     c.mesh.data, c.mesh.fsdp = -1, -1
     with pytest.raises(ConfigError, match="at most one axis"):
+        validate(c)
+    c = load("scienceworld")  # CPU preset: 1024-token prompts, 64-token replies
+    c.algo.pack, c.algo.pack_tokens = True, 1000
+    with pytest.raises(ConfigError, match=r"algo.pack_tokens' = 1000.*>= rollout.max_prompt_len \+ "
+                                          r"rollout.max_response_len \(1088\)"):
+        validate(c)
+    c.algo.pack_tokens = 1088
+    validate(c)
+    c.model.attention = "cudnn"
+    with pytest.raises(ConfigError, match=r"algo.pack' = True.*model.attention='cudnn'"):
         validate(c)
 
 

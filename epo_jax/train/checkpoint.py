@@ -285,6 +285,7 @@ def _processes_agree(ok: bool) -> bool:
 RESUMABLE_CHANGES = (
     "workdir", "eval.", "logging.", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
     "mesh.", "distributed.", "model.remat", "model.logprob_chunk_size", "rollout.prompt_buckets",
+    "algo.pack", "algo.pack_tokens",
     "env.step_timeout_s", "env.jvm_heap")
 
 

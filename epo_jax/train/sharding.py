@@ -142,6 +142,18 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return out
 
 
+def place_packing(layout: dict[str, np.ndarray], shard_axis: dict[str, int | None], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a packing layout (`epo_jax.train.batch.pack_batch`), which every process computes
+    whole, with axis `shard_axis[key]` of each array over data x fsdp (None: replicated)."""
+    out = {}
+    for key, value in layout.items():
+        axes = [None] * value.ndim
+        if shard_axis[key] is not None:
+            axes[shard_axis[key]] = BATCH_AXES
+        out[key] = put(np.asarray(value), NamedSharding(mesh, P(*axes)))
+    return out
+
+
 def place_params(params: dict, mesh: Mesh) -> dict:
     """Places the run's params on the mesh: transformer weights ("policy", "critic.backbone") by
     the model's partition specs, the small heads replicated."""

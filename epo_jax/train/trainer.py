@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from epo_jax.errors import UserError
+from epo_jax.errors import ConfigError, UserError
 from epo_jax.models.loading import EMBEDDED_MODEL, LoadedModel, load_pretrained
 from epo_jax.rollout import agent_loop
 from epo_jax.rollout.samples import TurnSample
@@ -45,7 +45,8 @@ from epo_jax.train import batch as batch_lib
 from epo_jax.train.batch_advantages import make_advantage_fn
 from epo_jax.train.checkpoint import Checkpointer, check_resume_config
 from epo_jax.train.metrics import MetricsWriter, progress_line
-from epo_jax.train.update import TrainState, checkpointed, init_train_state, make_update_fn, skip_rl_step, with_frozen
+from epo_jax.train.update import (TrainState, checkpointed, epoch_orders, init_train_state, make_update_fn,
+                                   skip_rl_step, with_frozen)
 
 
 class _Preemption:
@@ -91,8 +92,13 @@ def make_score_fn(config, forward_fn, ref_forward_fn):
             return out
 
         rows = batch["tokens"].shape[0]
-        inputs = {k: batch[k].reshape(micro, rows // micro, *batch[k].shape[1:]).swapaxes(0, 1)
-                  for k in ("tokens", "attention_mask")}
+
+        def split(x):  # micro-batch j takes rows j, j + rows / micro, ...: the update's split
+            return x.reshape(micro, rows // micro, *x.shape[1:]).swapaxes(0, 1)
+
+        inputs = {k: split(batch[k]) for k in ("tokens", "attention_mask")}
+        if "pack_index" in batch:  # packed rows: arrangement 0, the rows in order
+            inputs.update(pack_index=batch["pack_index"][0], pack_response_start=split(batch["pack_response_start"][0]))
         out = jax.lax.map(one, inputs)
         return {k: v.swapaxes(0, 1).reshape(rows, *v.shape[2:]) for k, v in out.items()}
 
@@ -231,6 +237,10 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
                   f"{config.train.total_steps} RL steps on {jax.device_count()} {jax.default_backend()} "
                   f"device(s); work directory {workdir}")
     model = _load_model(config, mesh, progress)
+    if config.algo.pack and model.config.attention == "cudnn":
+        raise ConfigError("config field 'algo.pack' = True is invalid with cuDNN attention (model.attention="
+                          f"{config.model.attention!r} resolved to 'cudnn'), which takes one run of tokens per row: "
+                          "set --config.model.attention=xla (or splash on TPU), or --config.algo.pack=False")
     policy_graphdef, policy_params = actor_critic.policy_model(config, model.graphdef, model.params)
     params = actor_critic.init_params(config, policy_params, model.config.hidden_size)
     if config.model.lora.rank:
@@ -318,10 +328,12 @@ class UpdateBatch(NamedTuple):
     num_samples: int              # real turn samples among the rows, over all processes
 
 
-def make_update_batch(run: _Run, samples: list[TurnSample]) -> UpdateBatch | None:
+def make_update_batch(run: _Run, samples: list[TurnSample], rng: jax.Array | None = None) -> UpdateBatch | None:
     """The step's update batch, sharded over data x fsdp, or None when no process has a sample
     (every episode crashed). Every process hands the update the same shape: room for the
-    largest share, padded; each contributes its own rows."""
+    largest share, padded; each contributes its own rows. With algo.pack the batch carries its
+    packing layout, which needs `rng`, the key of the train state the update will take (its
+    epochs' shuffles), when algo.ppo_epochs > 1."""
     config, layout = run.config, run.layout
     counts = processes.allgather(np.asarray([len(samples), max((len(s.prompt_ids) for s in samples), default=1)]))
     if not counts[:, 0].sum():
@@ -337,7 +349,38 @@ def make_update_batch(run: _Run, samples: list[TurnSample]) -> UpdateBatch | Non
         samples, prompt_buckets=config.rollout.prompt_buckets, response_len=config.rollout.max_response_len,
         rows=local_rows, prompt_len=batch_lib.bucket(int(counts[:, 1].max()), config.rollout.prompt_buckets),
         pad_id=agent_loop.pad_id(run.model.tokenizer), padding_id_start=layout.padding_id_start(local_rows))
-    return UpdateBatch(sharding.shard_batch(host_batch, run.mesh), int(counts[:, 0].sum()))
+    arrays = sharding.shard_batch(host_batch, run.mesh)
+    if config.algo.pack:
+        arrays.update(sharding.place_packing(pack_layout(run, host_batch, rng), batch_lib.PACK_SHARD_AXIS, run.mesh))
+    return UpdateBatch(arrays, int(counts[:, 0].sum()))
+
+
+def pack_tokens(config) -> int:
+    """The longest packed row: algo.pack_tokens, or by default (0) the longest turn sample."""
+    return int(config.algo.pack_tokens) or int(config.rollout.max_prompt_len + config.rollout.max_response_len)
+
+
+def pack_layout(run: _Run, host_batch: dict[str, np.ndarray], rng: jax.Array | None) -> dict[str, np.ndarray]:
+    """The packing layout of the global batch (`batch_lib.pack_batch`), the same on every process:
+    the rows in order, and with algo.ppo_epochs > 1 each epoch's shuffle."""
+    config = run.config
+    response_len = int(config.rollout.max_response_len)
+    prompt_lens, seq_lens = (processes.allgather(x).reshape(-1)
+                             for x in batch_lib.sequence_lengths(host_batch, response_len))
+    rows, epochs = len(seq_lens), int(config.algo.ppo_epochs)
+    orders = [np.arange(rows)]
+    if epochs > 1:
+        if rng is None:
+            raise ValueError("make_update_batch: algo.pack with algo.ppo_epochs > 1 needs the train state's rng")
+        orders += list(processes.host_value(_epoch_orders(rng, rows, epochs)))
+    return batch_lib.pack_batch(
+        prompt_lens, seq_lens, np.stack(orders),
+        num_micro_batches=rows // int(config.algo.micro_batch_size), shards=sharding.batch_divisor(run.mesh),
+        pack_tokens=pack_tokens(config), prompt_width=host_batch["tokens"].shape[1] - response_len,
+        row_width=host_batch["tokens"].shape[1])
+
+
+_epoch_orders = jax.jit(epoch_orders, static_argnums=(1, 2))
 
 
 def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None) -> tuple[TrainState, dict]:
@@ -357,6 +400,9 @@ def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None) -> tup
     metrics["batch/turn_samples"] = float(update_batch.num_samples)
     metrics["batch/rows"] = float(batch["tokens"].shape[0])
     metrics["batch/prompt_len"] = float(batch["tokens"].shape[1] - run.config.rollout.max_response_len)
+    if "pack_index" in batch:  # [arrangements, micro-batches, shards, K, L]
+        metrics["batch/pack_rows"] = float(np.prod(batch["pack_index"].shape[1:4]))
+        metrics["batch/pack_len"] = float(batch["pack_index"].shape[-1])
     return state, metrics
 
 
@@ -438,7 +484,7 @@ def train_and_evaluate(config) -> TrainState:
                 progress.begin_step(step, total)
                 t_step = time.perf_counter()
                 collected, cursor = collect(run, state, step, cursor)
-                state, learned = learn(run, state, make_update_batch(run, collected.samples))
+                state, learned = learn(run, state, make_update_batch(run, collected.samples, state.rng))
                 metrics = {**collected.metrics, **learned, "time/step_s": time.perf_counter() - t_step}
                 if _due(step, config.eval.every_steps, total):
                     metrics.update(evaluate_stage(run, state, step))

@@ -25,7 +25,7 @@ import optax
 
 from epo_jax.algo import EntropySums, LossSettings, LossState, loss_state_init, loss_state_update, make_loss_fn
 from epo_jax.train import actor_critic, progress, sharding
-from epo_jax.train.batch import micro_batches_per_minibatch
+from epo_jax.train.batch import PACK_KEYS, micro_batches_per_minibatch
 
 
 class TrainState(NamedTuple):
@@ -100,6 +100,29 @@ def _split_rows(batch: dict[str, jax.Array], num_minibatches: int, micro_batch_s
         lambda x: jnp.moveaxis(x.reshape(micro_batch_size, num_minibatches, -1, *x.shape[1:]), 0, 2), batch)
 
 
+def epoch_orders(rng: jax.Array, num_rows: int, epochs: int) -> jax.Array:
+    """[epochs, num_rows] int32: the order of the batch rows in each PPO epoch of the update of a
+    train state whose key is `rng` (a fresh shuffle per epoch; a one-epoch update keeps the rows
+    in order and reads none of it). The host computes the same orders to lay out packed rows."""
+    _, shuffle_rng = jax.random.split(rng)
+    return jax.vmap(lambda key: jax.random.permutation(key, num_rows))(jax.random.split(shuffle_rng, epochs))
+
+
+def _epoch_minibatches(samples: dict[str, jax.Array], layout: dict[str, jax.Array], *, epochs: int,
+                       num_minibatches: int, micro_batch_size: int) -> dict[str, jax.Array]:
+    """One epoch's [minibatches, micro-batches, ...] inputs: the sample rows in the epoch's order,
+    split, and for a packed batch the epoch's packing layout (already in that order)."""
+    if epochs > 1:  # Several passes: reshuffle rows across minibatches each epoch.
+        samples = jax.tree.map(lambda x: x[layout["pack_order"]], samples)
+    minibatches = _split_rows(samples, num_minibatches, micro_batch_size)
+    if "pack_index" in layout:
+        minibatches["pack_response_start"] = _split_rows(layout["pack_response_start"], num_minibatches,
+                                                         micro_batch_size)
+        index = layout["pack_index"]  # [micro-batches of the epoch, G, K, L], minibatch-major
+        minibatches["pack_index"] = index.reshape(num_minibatches, -1, *index.shape[1:])
+    return minibatches
+
+
 def _history_sums_metrics(sums: EntropySums) -> dict[str, jax.Array]:
     return {"entropy_sum": sums.entropy_sum, "token_count": sums.token_count,
             "turn_entropy_sum": sums.turn_entropy_sum_M, "turn_token_count": sums.turn_token_count_M}
@@ -112,7 +135,10 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
 
     `batch` arrays have a leading dimension B = algo.num_minibatches x (micro-batches per
     minibatch) x algo.micro_batch_size; the micro-batch count follows from B, so each row count
-    compiles once. Rows past the real samples are padding with an all-zero response_mask.
+    compiles once. Rows past the real samples are padding with an all-zero response_mask. A
+    packed batch (algo.pack) adds its packing layout (`epo_jax.train.batch.PACK_KEYS`, whose
+    pack_order gives each epoch's shuffle); each micro-batch then holds the samples it holds
+    unpacked, and the forward pass runs on their packed rows.
 
     Metrics: the loss's metrics and grad_norm averaged over epochs and minibatches, skipped (the
     number of minibatch updates the guard refused), and the entropy sums that entered the history
@@ -151,21 +177,22 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
         return (actor_critic.join_trainable(step.params, frozen), step.opt_state, loss_state), (metrics, applied_sums)
 
     def update(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-        rng, shuffle_rng = jax.random.split(state.rng)
+        rng, _ = jax.random.split(state.rng)
         num_rows = batch["response_mask"].shape[0]
         micro_batches_per_minibatch(num_rows, num_minibatches=num_minibatches, micro_batch_size=micro_batch_size)
+        samples = {k: v for k, v in batch.items() if k not in PACK_KEYS}
+        if "pack_index" in batch:
+            # Arrangement 0 holds the rows in order, 1 + e epoch e's order (epo_jax.train.batch).
+            layouts = {k: batch[k][1:] if epochs > 1 else batch[k][:1] for k in PACK_KEYS}
+        else:
+            layouts = {"pack_order": epoch_orders(state.rng, num_rows, epochs)}
 
-        def epoch_step(carry, epoch_rng):
-            if epochs > 1:  # Several passes: reshuffle rows across minibatches each epoch.
-                order = jax.random.permutation(epoch_rng, num_rows)
-                epoch_batch = jax.tree.map(lambda x: x[order], batch)
-            else:
-                epoch_batch = batch
-            return jax.lax.scan(minibatch_step, carry, _split_rows(epoch_batch, num_minibatches, micro_batch_size))
+        def epoch_step(carry, layout):
+            return jax.lax.scan(minibatch_step, carry, _epoch_minibatches(
+                samples, layout, epochs=epochs, num_minibatches=num_minibatches, micro_batch_size=micro_batch_size))
 
         carry = (state.params, state.opt_state, state.loss_state)
-        (params, opt_state, loss_state), (metrics, sums) = jax.lax.scan(
-            epoch_step, carry, jax.random.split(shuffle_rng, epochs))
+        (params, opt_state, loss_state), (metrics, sums) = jax.lax.scan(epoch_step, carry, layouts)
         # metrics and sums: [epochs, minibatches, ...]. The history takes the first epoch's entropy.
         first_epoch: EntropySums = jax.tree.map(lambda x: jnp.sum(x[0], 0), sums)
         out = {k: jnp.mean(v) for k, v in metrics.items()}
