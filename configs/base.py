@@ -32,6 +32,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.rollout.top_k = 0                # 0 = no top-k
     c.rollout.stop_strings = ("</action>",)
     c.rollout.prompt_buckets = (256, 512, 1024, 2048)
+    # The rollout engine (epo_jax/rollout/agent_loop.py): turns = one batched sampler call per turn for
+    # every running environment; continuous = decode slots refilled as each reply ends, every
+    # environment at its own pace (epo_jax/rollout/continuous.py). Both sample the same replies.
+    c.rollout.engine = "turns"
+    c.rollout.num_slots = 0            # continuous: decode slots (0 = one per environment)
+    c.rollout.chunk_len = 8            # continuous: tokens decoded per jitted chunk between insertions
     # AEPO's entropy-balanced rollout (docs/algorithms.md section 2 (a), (b); epo_jax/rollout/branching.py):
     # a group's env.group_size environments are split into rollouts from the start and branches
     # that fork running episodes (a fresh environment replays the parent's actions).

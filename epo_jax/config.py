@@ -21,6 +21,7 @@ from epo_jax import algo
 from epo_jax.errors import ConfigError
 from epo_jax.envs import ENV_NAMES
 from epo_jax.models.config import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, SUPPORTED_DTYPES as PARAM_DTYPES
+from epo_jax.rollout.agent_loop import ENGINES as ROLLOUT_ENGINES
 
 __all__ = ["ConfigError", "FIELD_RULES", "CROSS_FIELD_RULES", "check_overrides", "validate", "field_names"]
 
@@ -141,6 +142,9 @@ FIELD_RULES: dict[str, Check] = {
     "rollout.top_k": integer(low=0),
     "rollout.stop_strings": sequence_of(str),
     "rollout.prompt_buckets": sequence_of(int, non_empty=True, increasing=True),
+    "rollout.engine": choice(ROLLOUT_ENGINES),
+    "rollout.num_slots": integer(low=0),
+    "rollout.chunk_len": integer(low=1),
     "rollout.branching": boolean,
     "rollout.branch_premonitor": boolean,
     "rollout.branch_initial_fraction": fraction(),
