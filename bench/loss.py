@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epo_jax.algo import entropy_sums, logprobs_and_entropy, loss_state_init, loss_state_update, make_loss_fn
+from epo_jax.algo import (LossSettings, entropy_sums, logprobs_and_entropy, loss_state_init, loss_state_update,
+                          make_loss_fn)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs.base import get_config  # noqa: E402
@@ -61,9 +62,14 @@ def run_config(entropy_control: str):
     return config
 
 
+def loss_fn_for(config, forward):
+    """The objective of a run config (`make_loss_fn` on its LossSettings)."""
+    return make_loss_fn(LossSettings.from_config(config), forward)
+
+
 def loss_state_with_history(config):
     """A state at step 3 whose history makes the smoothing penalty active."""
-    state = loss_state_init(config)
+    state = loss_state_init(LossSettings.from_config(config))
     for value in (0.8, 1.0, 1.2):
         sums = entropy_sums(jnp.full((4, 8), value), jnp.ones((4, 8)), jnp.arange(4), config.epo.max_turns)
         state = loss_state_update(state, sums)
@@ -125,7 +131,7 @@ def compiled_cost(step_fn, params, data, state) -> tuple[float, float]:
 
 
 def memory_row(forward, config, params, data, state) -> dict[str, float]:
-    step = jax.jit(jax.value_and_grad(make_loss_fn(config, forward), has_aux=True))
+    step = jax.jit(jax.value_and_grad(loss_fn_for(config, forward), has_aux=True))
     analysis = step.lower(abstract(params), abstract(data), abstract(state)).compile().memory_analysis()
     row = {
         "temp": analysis.temp_size_in_bytes / GIB,
@@ -157,7 +163,7 @@ def main() -> None:
     forward = chunked_forward(args.chunk)
     rows = []
     for name, config in (("PPO (entropy_control=none)", ppo_config), ("EPO (paper, smoothing on)", epo_config)):
-        step = jax.jit(jax.value_and_grad(make_loss_fn(config, forward), has_aux=True))
+        step = jax.jit(jax.value_and_grad(loss_fn_for(config, forward), has_aux=True))
         rows.append((name, time_step(step, params, data, state, args.repeats), compiled_cost(step, params, data, state)))
     tokens = args.time_batch * args.time_seq
     print(

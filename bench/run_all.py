@@ -183,7 +183,7 @@ def loss_rows(quick: bool) -> list[dict]:
     forward = bench.chunked_forward(chunk)
     times = {}
     for name, config in (("ppo", ppo_config), ("epo", epo_config)):
-        step = jax.jit(jax.value_and_grad(bench.make_loss_fn(config, forward), has_aux=True))
+        step = jax.jit(jax.value_and_grad(bench.loss_fn_for(config, forward), has_aux=True))
         times[name] = bench.time_step(step, params, data, state, 2 if quick else 3)
     tokens = data["targets"].size
     rows = [_row("loss", "EPO objective (paper mode), value_and_grad", times["epo"], "s/step",

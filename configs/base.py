@@ -84,6 +84,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.algo.clip_cov_ratio = 2e-4       # clip_cov: fraction of tokens whose policy gradient is removed (random, drawn from seed + RL step)
     c.algo.clip_cov_lb = 1.0           # clip_cov: candidates have clip_cov_lb < Cov < clip_cov_ub
     c.algo.clip_cov_ub = 5.0
+    c.algo.clip_cov_dual_clip = False  # clip_cov: False = verl's loss max(l1, l2) without dual clip; True also applies algo.dual_clip
     c.algo.kl_cov_ratio = 2e-3         # kl_cov: fraction of tokens (top by Cov) given the |log-ratio| penalty
     c.algo.kl_cov_coef = 1.0           # kl_cov: weight of that penalty
     c.algo.top_entropy_fraction = 0.2  # top_entropy: fraction of tokens (highest entropy) that keep their gradient
@@ -98,6 +99,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.algo.kl_estimator = "low_var_kl"  # k1 | mse | low_var_kl
     c.algo.gigpo_omega = 1.0
     c.algo.gigpo_gamma = 0.95
+    c.algo.gigpo_mode = "mean_std_norm"  # gigpo: mean_std_norm (divide by the group std) | mean_norm (verl-agent's config default)
+    c.algo.gigpo_step_penalty = "discounted"  # gigpo: a format penalty enters earlier turns' discounted step returns | own_turn (verl-agent)
+    # Members of an episode group's statistics (grpo, drgrpo, rloo, gigpo's episode level):
+    # trajectory = each trajectory once, scored by its return | turn = every turn sample, scored by
+    # its own reward (verl-agent's compute_mean_std_cross_all_data=True).
+    c.algo.group_count = "trajectory"
     c.algo.ppo_epochs = 1
     c.algo.num_minibatches = 1
     c.algo.micro_batch_size = 8
@@ -115,6 +122,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.epo.entropy_agg = "trajectory"   # trajectory (Eq. 2) | token (official code)
     c.epo.code_turn_gate = 25          # code mode: smooth only micro-batches with turn >= gate
     c.epo.code_total_epochs = 150      # code mode: length of the hand-made weight curve
+    c.epo.code_decay = 3.0             # code mode: second-half decay rate of that curve (3.0 in the official code)
+    c.epo.code_mask_mode = "token"     # code mode: token | seq (one indicator per turn sample from its mean entropy)
     c.epo.max_turns = 64               # code mode: size of the per-turn-index history
 
     # Optimiser: AdamW with warmup + cosine decay to min_lr_ratio * lr.

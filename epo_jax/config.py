@@ -182,6 +182,10 @@ FIELD_RULES: dict[str, Check] = {
     "algo.clip_cov_ratio": fraction(),
     "algo.clip_cov_lb": number(),
     "algo.clip_cov_ub": number(),
+    "algo.clip_cov_dual_clip": boolean,
+    "algo.group_count": choice(algo.GROUP_COUNTS),
+    "algo.gigpo_mode": choice(algo.GIGPO_MODES),
+    "algo.gigpo_step_penalty": choice(algo.GIGPO_STEP_PENALTIES),
     "algo.kl_cov_ratio": fraction(),
     "algo.kl_cov_coef": NON_NEGATIVE,
     "algo.top_entropy_fraction": fraction(),
@@ -210,6 +214,8 @@ FIELD_RULES: dict[str, Check] = {
     "epo.entropy_agg": choice(tuple(algo.ENTROPY_AGGREGATIONS)),
     "epo.code_turn_gate": integer(low=0),
     "epo.code_total_epochs": integer(low=2),
+    "epo.code_decay": NON_NEGATIVE,
+    "epo.code_mask_mode": choice(algo.CODE_MASK_MODES),
     "epo.max_turns": integer(low=1),
     "optim.lr": number(low=0.0, low_open=True, high=MAX_LR),
     "optim.critic_lr": number(low=0.0, low_open=True, high=MAX_LR),
@@ -278,6 +284,11 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule("epo.max_turns", lambda c: c.epo.max_turns >= c.env.max_turns,
                    lambda c: f"an integer >= env.max_turns ({c.env.max_turns}): the per-turn entropy history needs "
                              "a slot per turn"),
+    CrossFieldRule("train.total_steps",
+                   lambda c: not (c.algo.entropy_control == "epo" and c.epo.mode == "paper"
+                                  and c.epo.beta_schedule == "phase") or c.train.total_steps >= 2,
+                   lambda c: "an integer >= 2 with EPO's phase weight (beta_k = 1 + exp(-gamma k / floor(K/2)) "
+                             "needs floor(K/2) >= 1)"),
     CrossFieldRule("mesh", lambda c: sum(c.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1,
                    lambda c: "at most one axis set to -1 among mesh.data, mesh.fsdp, mesh.tensor"),
     CrossFieldRule("distributed.num_processes",

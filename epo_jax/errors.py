@@ -11,3 +11,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config field is missing, unknown, of the wrong type, or outside its allowed range."""
+
+
+class ModelLoadError(UserError, ValueError):
+    """A model folder or file that cannot be loaded: damaged, incomplete or not finite."""
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model folder, file or package that is not where the config says."""

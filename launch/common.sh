@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers shared by launch/tpu_pod.sh and launch/gpu_slurm.sh, which source this file.
+# Helpers shared by launch/tpu_pod.sh, launch/gpu_slurm.sh and launch/seeds.sh, which source this file.
 #
 # The sourcing script sets SCRIPT_NAME (the prefix of its error messages) and defines
 #   usage                  prints its help

@@ -30,10 +30,9 @@ Options (flag, or the environment variable in brackets):
 EOF
 }
 
-die() {
-  printf 'seeds.sh: error: %s\n' "$1" >&2
-  exit 2
-}
+SCRIPT_NAME=seeds.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # "0-2,7" -> SEEDS=(0 1 2 7); anything else is an error naming the flag.
 parse_seeds() {
@@ -59,36 +58,21 @@ parse_seeds() {
   done
 }
 
-parse_args() {
-  while (($#)); do
-    local flag=$1 value=""
-    case $flag in
-      --) shift; MAIN_ARGS=("$@"); return ;;
-      -h | --help) usage; exit 0 ;;
-      --dry-run) DRY_RUN=1; shift; continue ;;
-      --report) REPORT=1; shift; continue ;;
-      --*=*) value=${flag#*=}; flag=${flag%%=*}; shift ;;
-      --*)
-        (($# >= 2)) || die "$flag needs a value"
-        value=$2; shift 2 ;;
-      *) die "unexpected argument '$flag'; arguments for epo_jax.main go after '--'" ;;
-    esac
-    case $flag in
-      --seeds) SEEDS_LIST=$value ;;
-      --workdir) WORKDIR=$value ;;
-      --config) CONFIG=$value ;;
-      --python) PYTHON=$value ;;
-      *) die "unknown option '$flag' (see --help)" ;;
-    esac
-  done
+set_switch() {
+  case $1 in
+    --report) REPORT=1 ;;
+    *) return 1 ;;
+  esac
 }
 
-print_command() {
-  local quoted=() word
-  for word in "$@"; do
-    quoted+=("$(printf '%q' "$word")")
-  done
-  printf '%s\n' "${quoted[*]}"
+set_option() {
+  case $1 in
+    --seeds) SEEDS_LIST=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --config) CONFIG=$2 ;;
+    --python) PYTHON=$2 ;;
+    *) return 1 ;;
+  esac
 }
 
 main() {
@@ -115,7 +99,7 @@ main() {
     command=("$PYTHON" -m epo_jax.main "--config=$CONFIG" "--config.seed=$seed"
              "--config.workdir=$WORKDIR/seed$seed" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"})
     if [[ $DRY_RUN == 1 ]]; then
-      print_command "${command[@]}"
+      quote_command "${command[@]}"
       continue
     fi
     printf 'seeds.sh: seed %s of %s: %s/seed%s\n' "$seed" "$SEEDS_LIST" "$WORKDIR" "$seed" >&2
@@ -123,7 +107,7 @@ main() {
     if [[ $WORKDIR != *://* ]]; then
       mkdir -p "$WORKDIR/seed$seed"
       log=$WORKDIR/seed$seed/log.txt
-      print_command "${command[@]}" >>"$log"
+      quote_command "${command[@]}" >>"$log"
     fi
     if ! (cd "$repo" && "${command[@]}") 2>&1 | tee -a "$log"; then
       failed+=("$seed")
@@ -133,7 +117,7 @@ main() {
 
   local report_command=("$PYTHON" -m epo_jax.report "$WORKDIR" --out "$WORKDIR/report.md")
   if [[ $REPORT == 1 && $DRY_RUN == 1 ]]; then
-    print_command "${report_command[@]}"
+    quote_command "${report_command[@]}"
   elif [[ $REPORT == 1 ]]; then
     (cd "$repo" && "${report_command[@]}") || failed+=("report")
   fi

@@ -4,7 +4,9 @@ Each row of a batch is one turn sample. Group methods take one score per row tog
 integer ids (episode group, trajectory, anchor observation) computed by the caller; they are
 jittable (segment sums with a static segment count equal to the number of rows) and accept numpy
 arrays as well. Group statistics follow verl: the standard deviation is the unbiased one
-(torch.std), and a group with a single member gets mean 0 and std 1.
+(torch.std). A group with a single member gets mean 0 and std 1 at the episode level (verl's
+GRPO, RLOO and GiGPO's episode_norm_reward), but its own score as mean at GiGPO's step level
+(GiGPO's step_norm_reward), so a one-member step group has step advantage 0.
 """
 import chex
 import jax
@@ -12,8 +14,19 @@ import jax.numpy as jnp
 
 from epo_jax.algo.aggregation import masked_mean, safe_divide
 
-# The estimators a run can choose (`algo.advantage`): PPO's GAE with a critic, and the group methods.
+# algo.advantage: PPO with GAE on a critic, or a critic-free group method.
 ADVANTAGE_ESTIMATORS = ("ppo_gae", "grpo", "drgrpo", "rloo", "gigpo")
+# algo.group_count: who is a member of an episode group's statistics. "trajectory": each
+# trajectory once (the GRPO / GiGPO papers' group of N episodes); "turn": every turn sample
+# (verl-agent, which calls its group estimators with compute_mean_std_cross_all_data=True).
+GROUP_COUNTS = ("trajectory", "turn")
+# algo.gigpo_mode, verl-agent's names: "mean_std_norm" divides by the group std at both levels,
+# "mean_norm" only subtracts the group mean.
+GIGPO_MODES = ("mean_std_norm", "mean_norm")
+# algo.gigpo_step_penalty: a turn's format penalty enters the discounted step returns of that
+# turn and the earlier ones ("discounted", G_t = sum_j gamma^(j-t) r_j), or only its own turn's
+# return, added after discounting ("own_turn", verl-agent's apply_invalid_action_penalty).
+GIGPO_STEP_PENALTIES = ("discounted", "own_turn")
 
 _GROUP_EPS = 1e-6
 _WHITEN_EPS = 1e-8
@@ -54,11 +67,13 @@ def _normalize_in_groups(
     *,
     normalize_by_std: bool,
     eps: float,
+    center_singletons: bool = False,
 ) -> jax.Array:
     """(s - mean_g) / (std_g + eps) over the members of each row's group (verl's GRPO statistics).
 
     Only rows with member_N set enter the group mean and unbiased std; every row is normalised
-    with its group's statistics. Groups with one member use mean 0 and std 1.
+    with its group's statistics. A group with one member uses std 1 and mean 0 (verl's GRPO), or
+    with `center_singletons` its member's own score (GiGPO's step level: advantage 0).
     """
     num_rows = scores_N.shape[0]
     weight_N = member_N.astype(jnp.float32)
@@ -67,7 +82,7 @@ def _normalize_in_groups(
     squared_deviation_N = jnp.square(scores_N - member_mean_G[segment_N])
     sum_squared_deviation_G = jax.ops.segment_sum(weight_N * squared_deviation_N, segment_N, num_segments=num_rows)
     several_G = count_G > 1
-    mean_G = jnp.where(several_G, member_mean_G, 0.0)
+    mean_G = member_mean_G if center_singletons else jnp.where(several_G, member_mean_G, 0.0)
     std_G = jnp.where(several_G, jnp.sqrt(safe_divide(sum_squared_deviation_G, count_G - 1)), 1.0)
     centred_N = scores_N - mean_G[segment_N]
     if normalize_by_std:
@@ -170,10 +185,12 @@ def grpo_advantages(
 ) -> jax.Array:
     """GRPO outcome advantages (docs/algorithms.md section 3): A_i = (R_i - mean_group R) / (std_group R + 1e-6).
 
-    `normalize_by_std=False` is Dr.GRPO (A_i = R_i - mean_group R). Scores may be one per
-    trajectory, or one per turn sample with `traj_id_N` given: then each trajectory counts once in
-    its group's statistics however many turns it has (as verl-agent does with traj_uid). Rows
-    with valid_N False count nowhere and get advantage 0.
+    `normalize_by_std=False` is Dr.GRPO (A_i = R_i - mean_group R). Every valid row is a member of
+    its group's statistics, as verl-agent counts turn samples (`algo.group_count="turn"`); with
+    `traj_id_N` given each trajectory counts once however many turns it has, with the score of its
+    first valid row (`algo.group_count="trajectory"`, the papers' group of N episodes). A group
+    with one member gets mean 0 and std 1 (verl). Rows with valid_N False count nowhere and get
+    advantage 0.
     """
     chex.assert_rank([scores_N, group_id_N], [1, 1])
     chex.assert_equal_shape([scores_N, group_id_N])
@@ -250,32 +267,44 @@ def gigpo_advantages(
     normalize_by_std: bool = True,
     eps: float = _GROUP_EPS,
     valid_N: jax.Array | None = None,
+    group_count: str = "trajectory",
+    own_turn_rewards_N: jax.Array | None = None,
 ) -> jax.Array:
     """GiGPO advantages (arXiv 2505.10978; docs/algorithms.md section 3): A = A_episode + omega * A_step.
 
       A_episode: GRPO over the episode group (`group_id_N`, envs playing the same task) of the
-                 trajectories' episode scores, each trajectory counted once.
-      A_step:    GRPO over step groups -- turn samples of one episode group whose anchor
+                 episode scores, each trajectory counted once (`group_count="trajectory"`) or
+                 every turn sample (`"turn"`, verl-agent's episode_norm_reward); a one-member
+                 group has mean 0 and std 1.
+      A_step:    the same over step groups -- turn samples of one episode group whose anchor
                  observation is identical (`anchor_id_N`, e.g. a hash of the observation text) --
                  of the discounted step returns G_t (`step_discounted_returns` of the per-turn
-                 `step_rewards_N` with `gamma`), each turn sample counted once.
+                 `step_rewards_N` with `gamma`) plus `own_turn_rewards_N`, rewards that count for
+                 their own turn only (verl-agent subtracts its format penalty this way, after
+                 discounting), each turn sample counted once. A one-member step group is centred
+                 on its own return, so its A_step is 0 (GiGPO's step_norm_reward).
     `normalize_by_std=False` drops the std at both levels (GiGPO's mean_norm).
     """
     chex.assert_rank([episode_scores_N, step_rewards_N, group_id_N, anchor_id_N], [1, 1, 1, 1])
     chex.assert_equal_shape([episode_scores_N, step_rewards_N, group_id_N, traj_id_N, turn_index_N, anchor_id_N])
     num_rows = episode_scores_N.shape[0]
     valid_N = _valid_or_all(valid_N, num_rows)
+    if group_count not in GROUP_COUNTS:
+        raise ValueError(f"group_count={group_count!r} (algo.group_count) must be one of {GROUP_COUNTS}.")
     episode_advantages_N = grpo_advantages(
-        episode_scores_N, group_id_N, traj_id_N=traj_id_N, valid_N=valid_N,
-        normalize_by_std=normalize_by_std, eps=eps,
+        episode_scores_N, group_id_N, traj_id_N=traj_id_N if group_count == "trajectory" else None,
+        valid_N=valid_N, normalize_by_std=normalize_by_std, eps=eps,
     )
     step_returns_N = step_discounted_returns(step_rewards_N, traj_id_N, turn_index_N, gamma=gamma, valid_N=valid_N)
+    if own_turn_rewards_N is not None:
+        chex.assert_shape(own_turn_rewards_N, (num_rows,))
+        step_returns_N = step_returns_N + jnp.asarray(own_turn_rewards_N, jnp.float32)
     group_id_N = jnp.asarray(group_id_N)
     anchor_id_N = jnp.asarray(anchor_id_N)
     same_step_group_NxN = (group_id_N[:, None] == group_id_N[None, :]) & (anchor_id_N[:, None] == anchor_id_N[None, :])
     step_segment_N = _first_member(same_step_group_NxN, valid_N)
     step_advantages_N = _normalize_in_groups(
-        step_returns_N, step_segment_N, valid_N, normalize_by_std=normalize_by_std, eps=eps
+        step_returns_N, step_segment_N, valid_N, normalize_by_std=normalize_by_std, eps=eps, center_singletons=True
     )
     return jnp.where(valid_N, episode_advantages_N + omega * step_advantages_N, 0.0)
 

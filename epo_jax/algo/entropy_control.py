@@ -45,7 +45,7 @@ class ClipCovTerms(NamedTuple):
 
     loss_BxT: jax.Array         # the PPO loss, 0 at selected tokens
     selected_BxT: jax.Array     # tokens whose policy gradient is removed
-    candidates_BxT: jax.Array   # valid, lb < Cov < ub and not already clipped by PPO
+    candidates_BxT: jax.Array   # valid, lb < Cov < ub and not already clipped by PPO (ratio or dual clip)
 
 
 class KLCovTerms(NamedTuple):
@@ -178,10 +178,12 @@ def clip_cov_token_losses(
       candidates = valid tokens with lower < Cov < upper whose PPO loss is not already clipped
       selected   = the min(k, #candidates) candidates of highest `priority`, k = max(1, floor(ratio N))
       l_i        = 0 for selected tokens (value and gradient), the PPO loss l_i otherwise
-    As in the published code (`compute_policy_loss_clip_cov`), the loss of a selected token is
-    multiplied by 0, and tokens the ratio clip already holds (l2 > l1, no gradient) are not
-    candidates; tokens held by the dual clip, which have no gradient either, are left out too.
-    With uniform priorities the selection is a uniform random subset of the candidates.
+    As in verl (`compute_policy_loss_clip_cov`), the loss of a selected token is multiplied by 0,
+    and tokens the ratio clip already holds (l2 > l1, no gradient) are not candidates. verl's
+    Clip-Cov has no dual clip: pass `terms` computed with `dual_clip=None` for its rule. With
+    dual-clipped `terms` (the `algo.clip_cov_dual_clip` variant), tokens held by the dual clip,
+    which have no gradient either, are no candidates too. With uniform priorities the selection
+    is a uniform random subset of the candidates.
 
     Args:
       terms: the per-token PPO terms (`ppo_token_losses`).

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from epo_jax.errors import UserError
 from epo_jax.models import attention as attention_lib
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -37,7 +38,7 @@ _ARCHITECTURE_BY_MODEL_TYPE = {
 }
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UserError, ValueError):
     """The checkpoint describes a model this decoder cannot represent."""
 
 

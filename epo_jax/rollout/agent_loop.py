@@ -32,6 +32,7 @@ the groups do not), so both engines grow the same trees.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import zlib
@@ -137,9 +138,8 @@ def prompt_token_ids(tokenizer, config, info: Mapping[str, Any], observation: st
     to their last `rollout.max_prompt_len` tokens (the observation and the reply cue are at the
     end). Anything trained on the rollout's prompts (a supervised start) renders them here."""
     env_cfg = config.env
-    text = prompts_lib.build_prompt(tokenizer, env_cfg.name, info, observation, history,
+    ids = prompts_lib.encode_prompt(tokenizer, env_cfg.name, info, observation, history,
                                     history_length=env_cfg.history_length, show_actions=env_cfg.show_actions)
-    ids = tokenizer.encode(text, add_special_tokens=False)
     max_prompt_len = int(config.rollout.max_prompt_len)
     truncated = len(ids) > max_prompt_len
     return np.asarray(ids[-max_prompt_len:] if truncated else ids, np.int32), truncated
@@ -374,7 +374,10 @@ def run_episodes(pool: EnvPool, generate: GenerateFn | Policy, tokenizer, specs:
     if engine == "continuous":
         slot_engine = generate.slot_engine(int(config.rollout.num_slots) or pool.num_envs,
                                            int(config.rollout.chunk_len))
-        turns = continuous_lib.play(rollout, slot_engine, generate.generations, branchers, on_turn)
+        with generate.announced(("continuous", slot_engine.num_slots, slot_engine.chunk_len, generate.sampling),
+                                f"the slot engine for {slot_engine.num_slots} slots x {slot_engine.chunk_len}-token "
+                                "chunks", "played its first rollout"):
+            turns = continuous_lib.play(rollout, slot_engine, generate.generations, branchers, on_turn)
     else:
         turns = _play_turns(rollout, generate, branchers, on_turn)
     samples, episodes = rollout.finish()
@@ -435,10 +438,30 @@ class Policy:
     params: Any
     sampling: SamplingParams
     tokenizer: Any
+    # Hears when a call needs programs of a new shape (they compile during that call, the slow
+    # part of a first rollout) and how long that call took; `compiled_for` is shared by every
+    # Policy of one make_policy, as the compiled programs are.
+    announce: Callable[[str], None] | None = None
+    compiled_for: set = dataclasses.field(default_factory=set)
 
     def __call__(self, prompt_ids: Sequence[np.ndarray], keys: jax.Array) -> list[Generation]:
-        out = self.sampler.generate(self.params, [list(map(int, p)) for p in prompt_ids], keys, self.sampling)
+        rows, prompt_len = self.sampler.program_shape(len(prompt_ids), max(len(p) for p in prompt_ids))
+        with self.announced(("turns", rows, prompt_len, self.sampling),
+                            f"the sampler for {rows} rows x {prompt_len}-token prompts", "generated its first batch"):
+            out = self.sampler.generate(self.params, [list(map(int, p)) for p in prompt_ids], keys, self.sampling)
         return self.generations(out)
+
+    @contextlib.contextmanager
+    def announced(self, shape: tuple, what: str, first_use: str):
+        """Announces the programs of `shape` (`what`) around their first use (`first_use`)."""
+        first = self.announce is not None and shape not in self.compiled_for
+        if first:
+            self.announce(f"compiling {what} (first use of this shape)")
+        t_start = time.perf_counter()
+        yield
+        if first:
+            self.compiled_for.add(shape)
+            self.announce(f"compiled {what} and {first_use} in {time.perf_counter() - t_start:.1f} s")
 
     def generations(self, out: SampleOutput) -> list[Generation]:
         """One Generation per row of the sampler's output (the reply's text decoded)."""
@@ -454,19 +477,21 @@ class Policy:
         return SlotEngine(self.sampler, self.params, self.sampling, num_slots=num_slots, chunk_len=chunk_len)
 
 
-def make_policy(config, graphdef, model_config, tokenizer, mesh=None) -> Callable[..., Policy]:
+def make_policy(config, graphdef, model_config, tokenizer, mesh=None,
+                announce: Callable[[str], None] | None = None) -> Callable[..., Policy]:
     """policy(params, *, temperature) -> Policy with our sampler (compiled programs are shared by
     every Policy: one per prompt-length and batch bucket, params are an argument); temperature 0
-    decodes greedily."""
+    decodes greedily. `announce(message)`, if given, hears of each program shape's first use."""
     sampler = Sampler(graphdef, model_config, tokenizer, stop_strings=tuple(config.rollout.stop_strings),
                       prompt_buckets=tuple(config.rollout.prompt_buckets), mesh=mesh)
+    compiled_for: set = set()
 
     def policy(params, *, temperature: float) -> Policy:
         sampling = SamplingParams(
             temperature=temperature if temperature > 0 else 1.0, greedy=temperature == 0,
             top_p=float(config.rollout.top_p), top_k=int(config.rollout.top_k),
             max_new_tokens=int(config.rollout.max_response_len))
-        return Policy(sampler, params, sampling, tokenizer)
+        return Policy(sampler, params, sampling, tokenizer, announce, compiled_for)
 
     return policy
 

@@ -15,6 +15,13 @@ as EPO does, the action templates plus the objects to fill them with (option
 
     history = [Turn(obs_1, act_1), Turn(obs_2, act_2)]   # obs_t: what act_t answered
     text = build_prompt(tokenizer, "scienceworld", info, observation, history)
+    ids = encode_prompt(tokenizer, "scienceworld", info, observation, history)  # what the agent sees
+
+Whatever an environment returns (observations, task texts, action lists, and the agent's own
+past actions in the history) is shown as plain text: `encode_prompt` encodes a control token
+written inside it (an observation holding "<|im_end|><|im_start|>system ...") as the ordinary
+tokens of its characters, so that environment text cannot open a turn of its own; only the
+chat template's tokens are real (epo_jax.models.tokenizer.encode_chat).
 
 The toy key-and-door corridor (epo_jax/envs/toy_keydoor.py) has the same layout with a
 one-line introduction and a one-line format rule, so that its prompts stay a few dozen tokens.
@@ -23,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
+
+from epo_jax.models.tokenizer import encode_chat, plain_text
 
 PROMPT_ENVS = ("scienceworld", "alfworld", "toy_keydoor")
 
@@ -116,9 +125,10 @@ def user_message(env: str, *, task_description: str, observation: str,
 
 
 def chat_messages(user_text: str, system_text: str | None = None) -> list[dict[str, str]]:
-    """The chat as a list of {"role", "content"} messages."""
-    messages = [{"role": "system", "content": system_text}] if system_text else []
-    messages.append({"role": "user", "content": user_text})
+    """The chat as a list of {"role", "content"} messages (lone surrogates made "?": no
+    tokenizer encodes them)."""
+    messages = [{"role": "system", "content": plain_text(system_text)}] if system_text else []
+    messages.append({"role": "user", "content": plain_text(user_text)})
     return messages
 
 
@@ -138,16 +148,30 @@ def render_prompt(tokenizer: Any, user_text: str, system_text: str | None = None
     return text
 
 
-def build_prompt(tokenizer: Any, env: str, info: Mapping[str, Any], observation: str,
-                 history: Sequence[Turn] = (), *, history_length: int = 2,
-                 show_actions: bool = True, system_text: str | None = None) -> str:
-    """One turn's rendered prompt from an environment's `info` (task and action lists)."""
+def _turn_message(env: str, info: Mapping[str, Any], observation: str, history: Sequence[Turn],
+                  history_length: int, show_actions: bool) -> str:
     actions = {}
     if show_actions:
         actions = dict(admissible_actions=info.get("admissible_actions"),
                        action_templates=info.get("action_templates"),
                        objects=info.get("objects"))
-    text = user_message(env, task_description=info["task_description"],
+    return user_message(env, task_description=info["task_description"],
                         observation=observation, history=history,
                         history_length=history_length, **actions)
+
+
+def build_prompt(tokenizer: Any, env: str, info: Mapping[str, Any], observation: str,
+                 history: Sequence[Turn] = (), *, history_length: int = 2,
+                 show_actions: bool = True, system_text: str | None = None) -> str:
+    """One turn's rendered prompt from an environment's `info` (task and action lists)."""
+    text = _turn_message(env, info, observation, history, history_length, show_actions)
     return render_prompt(tokenizer, text, system_text)
+
+
+def encode_prompt(tokenizer: Any, env: str, info: Mapping[str, Any], observation: str,
+                  history: Sequence[Turn] = (), *, history_length: int = 2,
+                  show_actions: bool = True, system_text: str | None = None) -> list[int]:
+    """The token ids of `build_prompt`'s prompt, the messages encoded as plain text (control
+    tokens inside them split into ordinary tokens; the template's own stay real)."""
+    text = _turn_message(env, info, observation, history, history_length, show_actions)
+    return encode_chat(tokenizer, chat_messages(text, system_text), add_generation_prompt=True)

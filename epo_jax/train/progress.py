@@ -31,6 +31,7 @@ class Progress:
         self._bar: tqdm.tqdm | None = None
         self._last_plain = -float("inf")
         self._prefix = ""
+        self._micro_batches = (0, 0)  # (done, of) in the update in flight
 
     def __enter__(self) -> Progress:
         _ACTIVE.append(self)
@@ -84,12 +85,19 @@ class Progress:
         rate = tokens / max(stats.get("time/generate_s", 0.0), 1e-9)
         self.live(f"rollout turn {turn}/{max_turns} | {active} active | {tokens:.0f} tokens | {rate:.0f} tok/s")
 
-    def micro_batch(self, index: int, count: int) -> None:
-        self.live(f"update micro-batch {index}/{count}")
+    def begin_update(self, micro_batches: int) -> None:
+        """The update about to run has this many micro-batches (over its epochs and minibatches)."""
+        self._micro_batches = (0, micro_batches)
+
+    def micro_batch(self) -> None:
+        done, count = self._micro_batches
+        self._micro_batches = (done + 1, count)
+        self.live(f"update micro-batch {done + 1}/{count}")
 
 
-def report_micro_batch(index, count) -> None:
-    """Host callback of the jitted update (`jax.debug.callback`): micro-batch `index` of `count`
-    is done; shown by the run's active Progress, if any."""
+def micro_batch_done(*_) -> None:
+    """Host callback of the jitted update (`jax.debug.callback`): one more micro-batch is done;
+    counted by the run's active Progress, if any (it is a module function, not a method, so the
+    compiled update does not hold on to one run's reporter)."""
     if _ACTIVE:
-        _ACTIVE[-1].micro_batch(int(index), int(count))
+        _ACTIVE[-1].micro_batch()

@@ -35,16 +35,15 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from epo_jax.models.loading import LoadedModel, load_pretrained
+from epo_jax.errors import UserError
+from epo_jax.models.loading import EMBEDDED_MODEL, LoadedModel, load_pretrained
 from epo_jax.rollout import agent_loop
 from epo_jax.rollout.samples import TurnSample
-from epo_jax.errors import UserError
-from epo_jax.models.loading import EMBEDDED_MODEL
 from epo_jax.train import actor_critic, environments, evaluation, optim, processes, sharding
 from epo_jax.train.progress import Progress
 from epo_jax.train import batch as batch_lib
 from epo_jax.train.batch_advantages import make_advantage_fn
-from epo_jax.train.checkpoint import Checkpointer
+from epo_jax.train.checkpoint import Checkpointer, check_resume_config
 from epo_jax.train.metrics import MetricsWriter, progress_line
 from epo_jax.train.update import TrainState, init_train_state, make_update_fn, skip_rl_step
 
@@ -142,7 +141,8 @@ def _build_programs(config, model: LoadedModel, optimizer, mesh, state_sharding,
                      donate_argnums=(0,))
     score = jax.jit(make_score_fn(config, forward_fn,
                                   actor_critic.make_forward_fn(config, model.graphdef, with_critic=False)))
-    policy = agent_loop.make_policy(config, model.graphdef, model.config, model.tokenizer, local_mesh)
+    policy = agent_loop.make_policy(config, model.graphdef, model.config, model.tokenizer, local_mesh,
+                                    announce=progress.info)
     kernel_mesh = mesh if model.config.attention == "splash" else None
     return Programs(update=CompiledPerShape(update, "the update", progress, kernel_mesh),
                     score=CompiledPerShape(score, "the score pass", progress, kernel_mesh),
@@ -219,6 +219,10 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
         raise ValueError(f"algo.micro_batch_size={config.algo.micro_batch_size} must be a multiple of the "
                          f"batch shards (mesh data x fsdp = {sharding.batch_divisor(mesh)})")
     layout = processes.ProcessLayout.from_config(config)
+    checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    if checkpointer.latest_step() is not None:
+        # Before the model loads (a mismatch fails in a second) and before config.json is rewritten.
+        check_resume_config(workdir, config)
     progress.info(f"epo-jax: {config.env.name}, {config.algo.advantage} + {config.algo.entropy_control}, "
                   f"{config.train.total_steps} RL steps on {jax.device_count()} {jax.default_backend()} "
                   f"device(s); work directory {workdir}")
@@ -231,7 +235,6 @@ def _setup(config, progress: Progress) -> tuple[_Run, TrainState]:
     local_mesh = sharding.rollout_mesh(mesh)
     programs = _build_programs(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state),
                                local_mesh, progress)
-    checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     train_specs = environments.train_specs(config)
     pool = _make_train_pool(config, layout, progress)
     rollout_key, eval_key = jax.random.split(jax.random.key(config.seed))
@@ -246,7 +249,7 @@ def _restore(run: _Run, state: TrainState) -> tuple[TrainState, RunCursor]:
     (dropping records past the checkpoint) and records the run's config."""
     cursor = RunCursor()
     if run.checkpointer.latest_step() is not None:
-        state, meta = run.checkpointer.restore(state)
+        state, meta = run.checkpointer.restore(state)  # the newest checkpoint that verifies
         cursor = RunCursor(step=int(meta["step"]), cursor=int(meta["cursor"]))
         run.progress.info(f"resumed from the checkpoint of step {cursor.step}")
     config = run.config
@@ -322,6 +325,7 @@ def learn(run: _Run, state: TrainState, update_batch: UpdateBatch | None) -> tup
     batch = dict(update_batch.arrays)
     batch.update(run.programs.score(state.params, run.ref_params, batch))
     batch.update(run.programs.advantages(batch, batch.get("old_values")))
+    run.progress.begin_update(run.config.algo.ppo_epochs * batch["tokens"].shape[0] // run.config.algo.micro_batch_size)
     state, update_metrics = run.programs.update(state, batch)
     metrics = _update_metrics(jax.tree.map(processes.host_value, update_metrics))
     metrics["time/update_s"] = time.perf_counter() - t_start

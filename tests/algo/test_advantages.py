@@ -87,16 +87,51 @@ def test_whitening_matches_numpy():
     np.testing.assert_allclose(np.asarray(unshifted)[mask > 0], expected[mask > 0] + valid.mean(), rtol=1e-4)
 
 
-def numpy_group_normalize(scores, groups, members, normalize_by_std, eps=1e-6):
-    """verl's GRPO statistics: mean and unbiased std over each group's members; singletons: 0 and 1."""
+def numpy_group_normalize(scores, groups, members, normalize_by_std, eps=1e-6, singleton_mean="zero"):
+    """verl's GRPO statistics: mean and unbiased std over each group's members. A one-member group
+    has std 1 and mean 0 (verl's GRPO; singleton_mean="zero") or its own score (GiGPO's
+    step_norm_reward; singleton_mean="own")."""
     by_group = collections.defaultdict(list)
     for i in np.nonzero(members)[0]:
         by_group[groups[i]].append(scores[i])
     out = np.zeros(len(scores))
     for i in range(len(scores)):
         group = by_group[groups[i]]
-        mean, std = (np.mean(group), np.std(group, ddof=1)) if len(group) > 1 else (0.0, 1.0)
+        if len(group) > 1:
+            mean, std = np.mean(group), np.std(group, ddof=1)
+        else:
+            mean, std = (group[0] if singleton_mean == "own" else 0.0), 1.0
         out[i] = (scores[i] - mean) / (std + eps) if normalize_by_std else scores[i] - mean
+    return out
+
+
+def official_norm_reward(scores, index, traj_index, *, cross_all_data, singleton_own_mean, remove_std, eps=1e-6):
+    """The loop of verl-agent's compute_grpo_outcome_advantage / episode_norm_reward /
+    step_norm_reward (gigpo/core_gigpo.py), in numpy: rows join id2score[index] unless their
+    (index, traj_index) pair was seen and cross_all_data is False; a one-member group has std 1
+    and mean 0 (GRPO, episode level) or mean = its own score (step level)."""
+    id2score = collections.defaultdict(list)
+    seen_pairs = set()
+    for i in range(len(scores)):
+        if (index[i], traj_index[i]) in seen_pairs:
+            continue
+        id2score[index[i]].append(scores[i])
+        if not cross_all_data:
+            seen_pairs.add((index[i], traj_index[i]))
+    id2mean, id2std = {}, {}
+    for idx, group in id2score.items():
+        if len(group) == 1:
+            id2mean[idx] = float(np.mean(group)) if singleton_own_mean else 0.0
+            id2std[idx] = 1.0
+        else:
+            id2mean[idx] = float(np.mean(group))
+            id2std[idx] = float(np.std(group, ddof=1))  # torch.std: unbiased
+    out = np.zeros(len(scores))
+    for i in range(len(scores)):
+        if remove_std:
+            out[i] = scores[i] - id2mean[index[i]]
+        else:
+            out[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + eps)
     return out
 
 
@@ -113,7 +148,7 @@ def test_grpo_hand_computed():
 MAX_ROWS = 36
 jit_grpo = jax.jit(grpo_advantages, static_argnames=("normalize_by_std",))
 jit_rloo = jax.jit(rloo_advantages)
-jit_gigpo = jax.jit(gigpo_advantages, static_argnames=("omega", "gamma", "normalize_by_std"))
+jit_gigpo = jax.jit(gigpo_advantages, static_argnames=("omega", "gamma", "normalize_by_std", "group_count"))
 jit_step_returns = jax.jit(step_discounted_returns, static_argnames=("gamma",))
 
 
@@ -193,26 +228,93 @@ def test_step_discounted_returns_hand_computed():
 
 
 @settings(max_examples=30, deadline=None)
-@given(batch=turn_batches(), normalize_by_std=st.booleans(), omega=st.sampled_from([1.0, 0.5]))
-def test_gigpo_matches_numpy(batch, normalize_by_std, omega):
+@given(batch=turn_batches())
+def test_grpo_counting_every_turn_sample_matches_the_official_loop(batch):
+    """algo.group_count="turn": verl-agent's compute_mean_std_cross_all_data=True, row by row."""
+    scores, groups, trajs, _, _, valid = batch
+    scores = scores + np.random.default_rng(len(scores)).choice([0.0, -0.1], size=len(scores))  # per-turn scores
+    rows = np.nonzero(valid)[0]
+    for remove_std in (False, True):
+        expected = np.zeros(len(scores))
+        expected[rows] = official_norm_reward(scores[rows], groups[rows], trajs[rows], cross_all_data=True,
+                                              singleton_own_mean=False, remove_std=remove_std)
+        got = jit_grpo(scores.astype(np.float32), groups, valid_N=valid, normalize_by_std=not remove_std)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_grpo_counting_rules_by_hand():
+    # One group: trajectory 0 has three turns scored 10, trajectory 1 one turn scored 0.
+    scores = jnp.array([10.0, 10.0, 10.0, 0.0])
+    groups = jnp.zeros(4, jnp.int32)
+    trajs = jnp.array([0, 0, 0, 1])
+    # Each trajectory once: mean 5, std sqrt(50).
+    np.testing.assert_allclose(grpo_advantages(scores, groups, traj_id_N=trajs, normalize_by_std=False),
+                               [5.0, 5.0, 5.0, -5.0], rtol=1e-6)
+    # Every turn sample (verl-agent): mean 7.5 -- the longer trajectory weighs three times.
+    np.testing.assert_allclose(grpo_advantages(scores, groups, normalize_by_std=False),
+                               [2.5, 2.5, 2.5, -7.5], rtol=1e-6)
+
+
+def test_gigpo_one_member_step_groups_get_step_advantage_zero():
+    """GiGPO's step_norm_reward: a step group of one member is centred on its own return."""
+    scores = jnp.array([10.0, 0.0, 0.0])
+    step_rewards = jnp.array([10.0, 0.0, 3.0])
+    groups = jnp.zeros(3, jnp.int32)
+    trajs = jnp.array([0, 1, 2])
+    turns = jnp.zeros(3, jnp.int32)
+    anchors = jnp.array([7, 7, 8])  # rows 0, 1 share an observation; row 2 saw one nobody else saw
+    for normalize_by_std in (True, False):
+        got = gigpo_advantages(scores, step_rewards, groups, trajs, turns, anchors, omega=1.0,
+                               normalize_by_std=normalize_by_std)
+        episode = np.asarray(grpo_advantages(scores, groups, traj_id_N=trajs, normalize_by_std=normalize_by_std))
+        step = np.array([5.0, -5.0, 0.0]) / ((np.sqrt(50.0) + 1e-6) if normalize_by_std else 1.0)
+        np.testing.assert_allclose(got, episode + step, rtol=1e-5)
+    # The lone row's step advantage is 0, not its return of 3 (what mean 0, std 1 would give).
+    np.testing.assert_allclose(got[2] - episode[2], 0.0, atol=1e-6)
+
+
+def test_gigpo_own_turn_rewards_are_added_after_discounting():
+    # One trajectory, turns 0, 1, 2; penalty -0.1 at turn 0 and 1; reward 10 at the end. A second
+    # trajectory with the same observations makes each step group two members.
+    step_rewards = jnp.array([0.0, 0.0, 10.0, 0.0, 0.0, 0.0])
+    penalties = jnp.array([-0.1, -0.1, 0.0, 0.0, 0.0, 0.0])
+    trajs = jnp.array([0, 0, 0, 1, 1, 1])
+    turns = jnp.array([0, 1, 2, 0, 1, 2])
+    groups = jnp.zeros(6, jnp.int32)
+    anchors = turns
+    scores = jnp.array([10.0, 10.0, 10.0, 0.0, 0.0, 0.0])
+    got = gigpo_advantages(scores, step_rewards, groups, trajs, turns, anchors, omega=1.0, gamma=0.5,
+                           normalize_by_std=False, own_turn_rewards_N=penalties)
+    episode = np.array([5.0, 5.0, 5.0, -5.0, -5.0, -5.0])
+    returns_0 = np.array([2.5 - 0.1, 5.0 - 0.1, 10.0])  # discounted 10, then the turn's own penalty
+    step = np.concatenate([returns_0 / 2, -returns_0 / 2])
+    np.testing.assert_allclose(got, episode + step, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=turn_batches(), normalize_by_std=st.booleans(), omega=st.sampled_from([1.0, 0.5]),
+       group_count=st.sampled_from(["trajectory", "turn"]))
+def test_gigpo_matches_the_official_rules(batch, normalize_by_std, omega, group_count):
+    """Episode level: episode_norm_reward (each trajectory once, or every turn sample as verl-agent's
+    cross_all_data=True); step level: step_norm_reward over (episode group, anchor) groups."""
     scores, groups, trajs, turns, anchors, valid = batch
     rng = np.random.default_rng(len(scores))
     step_rewards = rng.choice([0.0, -0.1, 10.0], size=len(scores))
     gamma = 0.95
-    members = np.zeros(len(scores), bool)
-    seen = set()
-    for i in range(len(scores)):
-        if valid[i] and trajs[i] not in seen:
-            members[i] = True
-            seen.add(trajs[i])
-    episode = numpy_group_normalize(scores, groups, members, normalize_by_std)
+    rows = np.nonzero(valid)[0]
+    episode = np.zeros(len(scores))
+    episode[rows] = official_norm_reward(scores[rows], groups[rows], trajs[rows],
+                                         cross_all_data=group_count == "turn", singleton_own_mean=False,
+                                         remove_std=not normalize_by_std)
     step_returns = numpy_step_returns(step_rewards, trajs, turns, valid, gamma)
     step_groups = np.array([hash((g, a)) for g, a in zip(groups, anchors)])
-    step = numpy_group_normalize(step_returns, step_groups, valid, normalize_by_std)
+    step = np.zeros(len(scores))
+    step[rows] = official_norm_reward(step_returns[rows], step_groups[rows], rows, cross_all_data=True,
+                                      singleton_own_mean=True, remove_std=not normalize_by_std)
     expected = np.where(valid, episode + omega * step, 0.0)
     got = jit_gigpo(
         scores.astype(np.float32), step_rewards.astype(np.float32), groups, trajs, turns, anchors,
-        omega=omega, gamma=gamma, normalize_by_std=normalize_by_std, valid_N=valid,
+        omega=omega, gamma=gamma, normalize_by_std=normalize_by_std, valid_N=valid, group_count=group_count,
     )
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(

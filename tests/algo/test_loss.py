@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epo_jax.algo import (
+    LossAux,
+    LossSettings,
     entropy_sums,
-    entropy_sums_from_metrics,
     loss_state_init,
     loss_state_update,
     make_loss_fn,
@@ -117,8 +118,16 @@ HISTORY = [
 ]
 
 
+def loss_fn_of(config):
+    return make_loss_fn(LossSettings.from_config(config), toy_forward)
+
+
+def initial_state(config):
+    return loss_state_init(LossSettings.from_config(config))
+
+
 def state_after_history(config):
-    state = loss_state_init(config)
+    state = initial_state(config)
     for value, turns in HISTORY:
         sums = entropy_sums(jnp.full((3, 2), value), jnp.ones((3, 2)), jnp.asarray(turns), config.epo.max_turns)
         state = loss_state_update(state, sums)
@@ -146,8 +155,7 @@ def config(base_config):
 
 
 def run(config, params, batch, state):
-    loss_fn = make_loss_fn(config, toy_forward)
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, state)
+    (loss, (metrics, _)), grads = jax.jit(jax.value_and_grad(loss_fn_of(config), has_aux=True))(params, batch, state)
     return float(loss), metrics, grads
 
 
@@ -184,7 +192,7 @@ def test_paper_mode_matches_eq6(config):
 
 def test_paper_mode_has_no_smoothing_at_step_zero(config):
     params, batch = make_params(), make_batch()
-    loss, metrics, _ = run(config, params, batch, loss_state_init(config))
+    loss, metrics, _ = run(config, params, batch, initial_state(config))
     _, entropy, mask, pg, kl_term = np_common_terms(params, batch)
     np.testing.assert_allclose(loss, pg - 0.3 * np_trajectory_mean(entropy, mask, TRAJ_ID) + kl_term, rtol=1e-5)
     np.testing.assert_allclose(metrics["beta"], 2.0)
@@ -211,20 +219,33 @@ def test_epo_base_and_constant_beta_and_token_aggregation(config):
     np.testing.assert_allclose(metrics["beta"], 1.0)
 
 
-def np_code_term(entropy, mask, gate_open, step, lam=0.3, alpha=0.5, kappa=(0.5, 1.3)):
-    """The official code: per-turn history including this step, indicator {0, alpha}, 150-epoch curve."""
+def np_code_weight(epoch, max_epochs=150):
+    """The official _calculate_epoch_based_entropy_weight (lambda_slow 2, lambda_fast 3)."""
+    epoch = max(0, min(epoch, max_epochs))
+    half = max_epochs // 2
+    if epoch <= half:
+        return 1.0 - 0.2 * (1 - math.exp(-2.0 * epoch / half))
+    return 0.8 * math.exp(-3.0 * (epoch - half) / (max_epochs - half))
+
+
+def np_code_term(entropy, mask, gate_open, step, lam=0.3, alpha=0.5, kappa=(0.5, 1.3), mask_mode="token"):
+    """The official code: per-turn history including this step, indicator {0, alpha} per token
+    (generate_entropy_penalty, mask_mode "token") or per turn sample from its mean entropy over its
+    valid tokens ("seq"), 150-epoch curve, token-mean aggregation."""
     past = np_past_turn_means()
     penalty = np.zeros_like(entropy)
     for b in range(entropy.shape[0]):
+        if mask[b].sum() == 0:
+            continue  # a padding row: masked out of every mean
         turn = TURN_INDEX[b]
         rows = (TURN_INDEX == turn)[:, None] & (mask > 0)
         current = entropy[rows].mean()
         reference = np.mean(past.get(turn, []) + [current])
-        inside = (entropy[b] > kappa[0] * reference) & (entropy[b] < kappa[1] * reference)
+        judged = entropy[b] if mask_mode == "token" else entropy[b][mask[b] > 0].mean()
+        inside = (judged > kappa[0] * reference) & (judged < kappa[1] * reference)
         penalty[b] = np.where(inside, 0.0, alpha)
-    weight = 1 - 0.2 * (1 - math.exp(-2 * step / 75))
     smooth = np_token_mean(penalty, mask) if gate_open else 0.0
-    return -lam * (np_token_mean(entropy, mask) - weight * smooth), smooth
+    return -lam * (np_token_mean(entropy, mask) - np_code_weight(step) * smooth), smooth, penalty
 
 
 def test_code_mode_matches_the_official_objective(config):
@@ -234,10 +255,45 @@ def test_code_mode_matches_the_official_objective(config):
     state = state_after_history(config)
     loss, metrics, _ = run(config, params, batch, state)
     _, entropy, mask, pg, kl_term = np_common_terms(params, batch)
-    term, smooth = np_code_term(entropy, mask, gate_open=True, step=2)
+    term, smooth, _ = np_code_term(entropy, mask, gate_open=True, step=2)
     assert smooth > 0
     np.testing.assert_allclose(loss, pg + term + kl_term, rtol=1e-5)
     np.testing.assert_allclose(metrics["smooth_penalty"], smooth, rtol=1e-5)
+
+
+def test_code_mode_seq_mask_judges_each_turn_sample_by_its_mean_entropy(config):
+    """entropy_smooth_mask_mode="seq": one indicator per row from the row's mean entropy over its
+    valid tokens, given to all of its tokens. Masked positions hold entropies of their own (the toy
+    model computes them), and row 4 is all padding: neither may move a row's mean."""
+    config.epo.mode = "code"
+    config.epo.entropy_agg = "token"
+    config.epo.code_mask_mode = "seq"
+    mask = np.asarray(make_batch()["response_mask"]).copy()
+    mask[4] = 0.0
+    params, batch = make_params(), make_batch(mask=mask)
+    loss, metrics, _ = run(config, params, batch, state_after_history(config))
+    _, entropy, mask, pg, kl_term = np_common_terms(params, batch)
+    term, smooth, penalty = np_code_term(entropy, mask, gate_open=True, step=2, mask_mode="seq")
+    token_term, _, token_penalty = np_code_term(entropy, mask, gate_open=True, step=2)
+    rows = mask.sum(-1) > 0
+    assert np.all(penalty[rows] == penalty[rows][:, :1]), "one value per turn sample"
+    assert 0.0 < smooth < 0.5, "some rows inside the corridor, some outside"
+    assert not np.array_equal(penalty * mask, token_penalty * mask), "seq and token differ on this batch"
+    np.testing.assert_allclose(loss, pg + term + kl_term, rtol=1e-5)
+    np.testing.assert_allclose(metrics["smooth_penalty"], smooth, rtol=1e-5)
+
+
+def test_code_mode_weight_curve_has_its_own_decay(config):
+    """The second half of the official curve decays with 3.0 whatever epo.gamma (the paper's beta)."""
+    config.epo.mode = "code"
+    config.epo.gamma = 7.0
+    params, batch = make_params(), make_batch()
+    state = state_after_history(config)._replace(step=jnp.asarray(120, jnp.int32))
+    _, metrics, _ = run(config, params, batch, state)
+    np.testing.assert_allclose(metrics["beta"], np_code_weight(120), rtol=1e-6)
+    config.epo.code_decay = 1.0
+    _, metrics, _ = run(config, params, batch, state)
+    np.testing.assert_allclose(metrics["beta"], 0.8 * math.exp(-1.0 * 45 / 75), rtol=1e-6)
 
 
 def test_code_mode_turn_gate_closed(config):
@@ -247,7 +303,7 @@ def test_code_mode_turn_gate_closed(config):
     params, batch = make_params(), make_batch()
     loss, metrics, _ = run(config, params, batch, state_after_history(config))
     _, entropy, mask, pg, kl_term = np_common_terms(params, batch)
-    term, _ = np_code_term(entropy, mask, gate_open=False, step=2)
+    term, _, _ = np_code_term(entropy, mask, gate_open=False, step=2)
     np.testing.assert_allclose(loss, pg + term + kl_term, rtol=1e-5)
     np.testing.assert_allclose(metrics["smooth_penalty"], 0.0)
 
@@ -284,7 +340,7 @@ def test_none_and_bonus_controls(config):
 def test_value_head_adds_the_clipped_value_loss(config):
     config.algo.entropy_control = "none"
     params, batch = make_params(value_head=True), make_batch()
-    loss, metrics, grads = run(config, params, batch, loss_state_init(config))
+    loss, metrics, grads = run(config, params, batch, initial_state(config))
     _, _, mask, pg, kl_term = np_common_terms(params, batch)
     values = np.asarray(batch["features"], np.float64) @ np.asarray(params["v"], np.float64)
     vf = np_value_loss(values, np.asarray(batch["old_values"]), np.asarray(batch["returns"]), mask)
@@ -298,7 +354,7 @@ def test_paper_mode_gradient_matches_finite_differences(config):
         params = jax.tree.map(lambda x: x.astype(jnp.float64), make_params())
         batch = {k: v.astype(jnp.float64) if v.dtype == jnp.float32 else v for k, v in make_batch().items()}
         state = state_after_history(config)
-        loss_fn = jax.jit(lambda w: make_loss_fn(config, toy_forward)({"W": w}, batch, state)[0])
+        loss_fn = jax.jit(lambda w: loss_fn_of(config)({"W": w}, batch, state)[0])
         w = params["W"]
         grad = np.asarray(jax.grad(loss_fn)(w)).ravel()
         step = 1e-6
@@ -317,7 +373,7 @@ def padding_test_setup(mode):
     config.epo.lam = 0.3
     config.epo.kappa_l, config.epo.kappa_r = 0.5, 1.3
     config.epo.code_turn_gate = 2
-    loss_and_grad = jax.jit(jax.value_and_grad(make_loss_fn(config, toy_forward), has_aux=True))
+    loss_and_grad = jax.jit(jax.value_and_grad(loss_fn_of(config), has_aux=True))
     return loss_and_grad, state_after_history(config)
 
 
@@ -344,47 +400,42 @@ def test_padding_changes_neither_loss_nor_gradient(seed, mode, extra_rows):
         # padding rows claim a real trajectory and a late turn: they must still count nowhere
         dirty["traj_id"] = dirty["traj_id"].at[-extra_rows:].set(11)
         dirty["turn_index"] = dirty["turn_index"].at[-extra_rows:].set(40)
-    (clean_loss, clean_metrics), clean_grads = loss_and_grad(params, batch, state)
-    (dirty_loss, dirty_metrics), dirty_grads = loss_and_grad(params, dirty, state)
+    (clean_loss, (_, clean_sums)), clean_grads = loss_and_grad(params, batch, state)
+    (dirty_loss, (_, dirty_sums)), dirty_grads = loss_and_grad(params, dirty, state)
     np.testing.assert_allclose(dirty_loss, clean_loss, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(dirty_grads["W"], clean_grads["W"], rtol=1e-5, atol=1e-7)
-    for key in ("entropy_sum", "token_count", "turn_entropy_sum", "turn_token_count"):
-        np.testing.assert_allclose(dirty_metrics[key], clean_metrics[key], rtol=1e-6, atol=1e-6)
+    for dirty_sum, clean_sum in zip(dirty_sums, clean_sums):
+        np.testing.assert_allclose(dirty_sum, clean_sum, rtol=1e-6, atol=1e-6)
 
 
 def test_jit_matches_eager(config):
     config.epo.mode = "code"
     params, batch = make_params(), make_batch()
     state = state_after_history(config)
-    loss_fn = jax.value_and_grad(make_loss_fn(config, toy_forward), has_aux=True)
+    loss_fn = jax.value_and_grad(loss_fn_of(config), has_aux=True)
     (eager_loss, _), eager_grads = loss_fn(params, batch, state)
     (jit_loss, _), jit_grads = jax.jit(loss_fn)(params, batch, state)
     np.testing.assert_allclose(jit_loss, eager_loss, rtol=1e-6)
     np.testing.assert_allclose(jit_grads["W"], eager_grads["W"], rtol=1e-5, atol=1e-7)
 
 
-def test_metrics_feed_the_next_state(config):
+def test_entropy_sums_feed_the_next_state(config):
     params, batch = make_params(), make_batch()
-    state = loss_state_init(config)
-    _, metrics, _ = run(config, params, batch, state)
-    next_state = loss_state_update(state, entropy_sums_from_metrics(metrics))
+    state = initial_state(config)
+    loss, aux = jax.jit(loss_fn_of(config))(params, batch, state)
+    assert isinstance(aux, LossAux)
+    next_state = loss_state_update(state, aux.entropy_sums)
     _, entropy, mask, _, _ = np_common_terms(params, batch)
     assert int(next_state.step) == 1
     np.testing.assert_allclose(next_state.entropy_history.step_mean_sum, np_token_mean(entropy, mask), rtol=1e-5)
-    assert metrics["turn_entropy_sum"].shape == (config.epo.max_turns,)
+    np.testing.assert_allclose(aux.entropy_sums.token_count, mask.sum())
+    assert aux.entropy_sums.turn_entropy_sum_M.shape == (config.epo.max_turns,)
+    # The turn-3 row's entropy lands in slot 3 of the per-turn sums.
+    np.testing.assert_allclose(aux.entropy_sums.turn_entropy_sum_M[3], (entropy[5] * mask[5]).sum(), rtol=1e-5)
 
 
-def test_bad_config_values_name_the_field(config):
-    config.epo.mode = "papers"
-    with pytest.raises(ValueError, match=r"epo\.mode"):
-        make_loss_fn(config, toy_forward)
-    config.epo.mode = "paper"
-    config.algo.loss_agg = "mean"
-    with pytest.raises(ValueError, match=r"algo\.loss_agg"):
-        make_loss_fn(config, toy_forward)
-    config.algo.loss_agg = "token-mean"
-    config.epo.max_turns = 10
-    with pytest.raises(ValueError, match=r"epo\.max_turns"):
+def test_make_loss_fn_takes_loss_settings(config):
+    with pytest.raises(TypeError, match=r"LossSettings\.from_config"):
         make_loss_fn(config, toy_forward)
 
 
@@ -392,4 +443,4 @@ def test_missing_reference_logprobs_is_reported(config):
     batch = make_batch()
     del batch["ref_logprobs"]
     with pytest.raises(KeyError, match="use_kl_loss"):
-        make_loss_fn(config, toy_forward)(make_params(), batch, loss_state_init(config))
+        loss_fn_of(config)(make_params(), batch, initial_state(config))

@@ -301,3 +301,21 @@ def test_packed_rows_are_refused_by_the_cudnn_kernel():
     with pytest.raises(ValueError, match="model.attention='cudnn' takes one run of real tokens per row"):
         transformer.hidden_states(graphdef, params, tokens, np.array([[0, 1, 2, 0, 1, 2]]), None,
                                   np.array([[1, 1, 1, 2, 2, 2]]))
+
+
+def test_damaged_shards_and_non_finite_weights_name_their_file(tmp_path, toy_tokenizer):
+    config = tiny_config("llama")
+    _, params = random_params(config)
+    loading.save_pretrained(params, config, toy_tokenizer, str(tmp_path), max_shard_bytes=60_000)
+    first, second = sorted(str(tmp_path / f) for f in os.listdir(tmp_path) if f.startswith("model-"))[:2]
+    tensors = safetensors.numpy.load_file(second)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.nan
+    safetensors.numpy.save_file(tensors, second, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' in '{second}' holds 1 NaN/inf values"):
+        loading.load_pretrained(str(tmp_path))
+    with open(first, "r+b") as f:
+        f.truncate(os.path.getsize(first) - 100)
+    with pytest.raises(ValueError, match=rf"'{first}' is not a readable safetensors file"):
+        loading.load_pretrained(str(tmp_path))

@@ -117,3 +117,62 @@ def test_ppo_gae_with_zero_values_is_the_turn_reward_then_whitened():
     # gamma = lambda = 1, V = 0: every token's advantage is its turn's reward.
     np.testing.assert_allclose(out["advantages"], [[9.9, 9.9, 0], [10, 10, 10]], rtol=1e-6)
     np.testing.assert_allclose(out["returns"], out["advantages"])
+
+
+def official_group_norm(scores, index, *, singleton_own_mean, remove_std, eps=1e-6):
+    """verl-agent's group loop with compute_mean_std_cross_all_data=True: every row joins its group;
+    a one-member group has std 1 and mean 0 (GRPO, episode_norm_reward) or its own score
+    (step_norm_reward)."""
+    out = np.zeros(len(scores))
+    for i in range(len(scores)):
+        group = [scores[j] for j in range(len(scores)) if index[j] == index[i]]
+        if len(group) == 1:
+            mean, std = (group[0] if singleton_own_mean else 0.0), 1.0
+        else:
+            mean, std = np.mean(group), np.std(group, ddof=1)
+        out[i] = scores[i] - mean if remove_std else (scores[i] - mean) / (std + eps)
+    return out
+
+
+def verl_agent_samples():
+    """Group 0: trajectory 0 plays two turns (a format penalty on the second) and wins; trajectory 1
+    fails in one turn. Every turn sample carries its episode's reward."""
+    return [sample(2, 2, 0, 0, 0, episode_reward=10),
+            sample(2, 2, 0, 0, 1, penalty=-0.1, episode_reward=10, last=True),
+            sample(2, 2, 1, 0, 0, episode_reward=0, last=True)]
+
+
+def test_grpo_counting_every_turn_sample_is_verl_agents_rule():
+    b = build_batch(verl_agent_samples(), prompt_buckets=(4,), response_len=2, rows=4, pad_id=0,
+                    padding_id_start=1000)
+    c = config_with("grpo")
+    c.algo.group_count = "turn"
+    adv = np.asarray(make_advantage_fn(c)(b)["advantages"])
+    # Each row's score is its token-level reward sum: episode reward + its own penalty.
+    expected = official_group_norm([10.0, 9.9, 0.0], [0, 0, 0], singleton_own_mean=False, remove_std=False)
+    np.testing.assert_allclose(adv[:3, 0], expected, rtol=1e-5)
+    np.testing.assert_allclose(adv[3], 0.0)
+
+
+def test_gigpo_with_verl_agents_rules():
+    """group_count=turn, gigpo_mode=mean_norm, gigpo_step_penalty=own_turn: verl-agent's episode_norm_reward
+    and step_norm_reward on compute_step_discounted_returns, with apply_invalid_action_penalty's
+    penalty subtracted from the turn's step reward after discounting."""
+    b = build_batch(verl_agent_samples(), prompt_buckets=(4,), response_len=2, rows=4, pad_id=0,
+                    padding_id_start=1000)
+    c = config_with("gigpo")
+    c.algo.group_count, c.algo.gigpo_mode, c.algo.gigpo_step_penalty = "turn", "mean_norm", "own_turn"
+    adv = np.asarray(make_advantage_fn(c)(b)["advantages"])
+    episode = official_group_norm([10.0, 9.9, 0.0], [0, 0, 0], singleton_own_mean=False, remove_std=True)
+    env_returns = [0.95 * 10.0, 10.0, 0.0]              # the environment's reward, discounted
+    step_rewards = [env_returns[0], env_returns[1] - 0.1, env_returns[2]]
+    anchors = [0, 1, 0]                                  # sample() uses the turn index as anchor
+    step = official_group_norm(step_rewards, anchors, singleton_own_mean=True, remove_std=True)
+    assert step[1] == 0.0  # the lone observation of turn 1
+    np.testing.assert_allclose(adv[:3, 0], episode + step, rtol=1e-5)
+    # The default discounts turn 1's penalty into turn 0's return as well: 9.5 - 0.95 x 0.1.
+    c.algo.gigpo_step_penalty = "discounted"
+    discounted = np.asarray(make_advantage_fn(c)(b)["advantages"])
+    step_rewards[0] = env_returns[0] - 0.95 * 0.1
+    step = official_group_norm(step_rewards, anchors, singleton_own_mean=True, remove_std=True)
+    np.testing.assert_allclose(discounted[:3, 0], episode + step, rtol=1e-5)

@@ -40,8 +40,9 @@ def test_log_output_prints_plain_live_lines_at_most_every_interval():
     assert out.getvalue() == ""  # within the interval: nothing
     chatty = Progress(stream=out, plain_interval_s=0.0)
     chatty.begin_step(2, 20)
-    chatty.micro_batch(1, 4)
-    chatty.micro_batch(2, 4)
+    chatty.begin_update(4)
+    chatty.micro_batch()
+    chatty.micro_batch()
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in out.getvalue()
     assert re.fullmatch(r"\[\s*\d+\.\ds\] step 2/20 \| update micro-batch 2/4", lines[1])
@@ -58,10 +59,32 @@ def test_disabled_progress_prints_nothing():
 
 def test_the_update_callback_reaches_the_active_reporter_only():
     out = io.StringIO()
-    progress_lib.report_micro_batch(1, 2)  # no active reporter: nothing happens
+    progress_lib.micro_batch_done()  # no active reporter: nothing happens
     with Progress(stream=out, plain_interval_s=0.0) as progress:
         progress.begin_step(3, 5)
-        progress_lib.report_micro_batch(1, 2)
-    progress_lib.report_micro_batch(2, 2)
+        progress.begin_update(2)
+        progress_lib.micro_batch_done()
+    progress_lib.micro_batch_done()
     assert out.getvalue().count("update micro-batch") == 1
     assert "step 3/5 | update micro-batch 1/2" in out.getvalue()
+
+
+def test_the_jitted_update_reports_each_micro_batch():
+    """A jitted scan with the update's callback reports every micro-batch, in order."""
+    import jax
+    import jax.numpy as jnp
+
+    def body(total, x):
+        loss = jnp.sum(x * x)
+        jax.debug.callback(progress_lib.micro_batch_done, loss)
+        return total + loss, loss
+
+    out = io.StringIO()
+    with Progress(stream=out, plain_interval_s=0.0) as progress:
+        progress.begin_step(1, 1)
+        progress.begin_update(3)
+        total, _ = jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs))(jnp.arange(6.0).reshape(3, 2))
+        jax.block_until_ready(total)
+        jax.effects_barrier()
+    lines = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+    assert lines == [f"step 1/1 | update micro-batch {i}/3" for i in (1, 2, 3)]

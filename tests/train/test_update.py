@@ -1,9 +1,8 @@
-"""The jitted update: sharded == single device, accumulation == one big batch, NaN skipped."""
+"""The jitted update: sharded == single device, accumulation == one big batch, non-finite updates skipped."""
 import pathlib
 import runpy
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -58,17 +57,23 @@ def random_batch(rows, seed=0, full_rows=None):
     }
 
 
-def run_update(config, batch, mesh):
+def run_update_states(config, batch, mesh):
+    """(state before, state after, metrics) of one jitted update, on the host."""
     (graphdef, policy_params), model_cfg = tiny_model()
     params = actor_critic.init_params(config, policy_params, model_cfg.hidden_size)
     optimizer = optim.make_optimizer(config.optim, 10)
     state = init_train_state(config, params, optimizer, mesh)
-    params = state.params
+    before = jax.device_get(state)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     update = jax.jit(make_update_fn(config, actor_critic.make_forward_fn(config, graphdef), optimizer),
                      in_shardings=(state_sharding, None), out_shardings=(state_sharding, None))
     new_state, metrics = update(state, sharding.shard_batch(batch, mesh))
-    return jax.device_get(new_state.params), jax.device_get(metrics), jax.device_get(params)
+    return before, jax.device_get(new_state), jax.device_get(metrics)
+
+
+def run_update(config, batch, mesh):
+    before, after, metrics = run_update_states(config, batch, mesh)
+    return after.params, metrics, before.params
 
 
 def mesh_of(data, fsdp, devices=None):
@@ -116,13 +121,64 @@ def test_padding_micro_batches_do_not_dilute_the_gradient():
     assert_trees_close(base, with_padding, rtol=1e-5, atol=1e-6)
 
 
+def float_leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype, np.inexact)]
+
+
+def assert_trees_equal(a, b):
+    a_leaves, b_leaves = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(a_leaves) == len(b_leaves)
+    for x, y in zip(a_leaves, b_leaves):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_non_finite_update_is_skipped():
     mesh = mesh_of(1, 1, jax.devices()[:1])
     batch = random_batch(8)
     batch["advantages"][0, 0] = np.nan
-    new, metrics, before = run_update(tiny_config(micro_batch_size=4), batch, mesh)
+    before, after, metrics = run_update_states(tiny_config(micro_batch_size=4), batch, mesh)
     assert metrics["skipped"] == 1.0
-    assert_trees_close(new, before, rtol=0, atol=0)
+    assert_trees_equal(after.params, before.params)
+    assert_trees_equal(after.opt_state, before.opt_state)
+    # The step's only update was skipped: the entropy history stays empty; the RL step advances.
+    assert_trees_equal(after.loss_state.entropy_history, before.loss_state.entropy_history)
+    assert int(after.loss_state.step) == 1
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e39 -> inf in float32
+@pytest.mark.parametrize("lr", [1e30, 1e39])
+def test_huge_learning_rate_skips_every_update(lr):
+    """lr 1e30: the step (~1e30 per parameter) is finite elementwise, but its sum of squares is not,
+    and applied it would make every later forward pass overflow; lr 1e39 is inf in float32. Either
+    way each minibatch update is skipped: params and optimizer state unchanged and finite."""
+    mesh = mesh_of(1, 1, jax.devices()[:1])
+    config = tiny_config(micro_batch_size=2, num_minibatches=2)
+    config.optim.lr = lr
+    before, after, metrics = run_update_states(config, random_batch(8), mesh)
+    assert metrics["skipped"] == 2.0
+    for leaf in float_leaves((after.params, after.opt_state, after.loss_state)):
+        assert np.all(np.isfinite(leaf))
+    assert_trees_equal(after.params, before.params)
+    assert_trees_equal(after.opt_state, before.opt_state)
+    assert_trees_equal(after.loss_state.entropy_history, before.loss_state.entropy_history)
+    assert metrics["token_count"] == 0.0
+
+
+def test_a_skipped_minibatch_leaves_the_history_to_the_applied_ones():
+    """Two minibatches, one holding a NaN advantage: one update is skipped, the other applied, and
+    the history takes the applied minibatch's tokens only (half of the batch's)."""
+    mesh = mesh_of(1, 1, jax.devices()[:1])
+    batch = random_batch(8)
+    batch["advantages"][3, 1] = np.nan
+    before, after, metrics = run_update_states(tiny_config(micro_batch_size=2, num_minibatches=2), batch, mesh)
+    assert metrics["skipped"] == 1.0
+    assert metrics["token_count"] == pytest.approx(batch["response_mask"].sum() / 2)
+    history = after.loss_state.entropy_history
+    assert int(history.num_steps) == 1
+    np.testing.assert_allclose(history.step_mean_sum, metrics["entropy_sum"] / metrics["token_count"], rtol=1e-6)
+    assert any(np.any(x != y) for x, y in zip(float_leaves(after.params), float_leaves(before.params)))
+    for leaf in float_leaves((after.params, after.opt_state)):
+        assert np.all(np.isfinite(leaf))
 
 
 @pytest.mark.parametrize("epochs, minibatches", [(2, 2)])
@@ -130,7 +186,8 @@ def test_epochs_and_minibatches_run_and_advance_history(epochs, minibatches):
     mesh = mesh_of(1, 1, jax.devices()[:1])
     config = tiny_config(micro_batch_size=2, ppo_epochs=epochs, num_minibatches=minibatches)
     batch = random_batch(8)
-    _, metrics, _ = run_update(config, batch, mesh)
-    assert np.isfinite(metrics["loss"])
+    _, after, metrics = run_update_states(config, batch, mesh)
+    assert np.isfinite(metrics["loss"]) and metrics["skipped"] == 0.0
     # The history takes the first epoch's tokens once: every response token of the batch.
     assert metrics["token_count"] == pytest.approx(batch["response_mask"].sum())
+    assert int(after.loss_state.entropy_history.num_steps) == 1
