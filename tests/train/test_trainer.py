@@ -49,9 +49,10 @@ def restored_state(workdir, step: int):
     return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
 
 
-def test_scienceworld_run_writes_checkpoints_metrics_and_eval(tmp_path, model_dir):
+@pytest.mark.parametrize("engine", ["turns", "continuous"])
+def test_scienceworld_run_writes_checkpoints_metrics_and_eval(tmp_path, model_dir, engine):
     workdir = tmp_path / "sw"
-    proc = run_main("scienceworld", workdir, model_dir, 2)
+    proc = run_main("scienceworld", workdir, model_dir, 2, f"--config.rollout.engine={engine}")
     assert "step 2/2" in proc.stdout  # the progress line
     records = read_jsonl(str(workdir / "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2]
@@ -65,18 +66,22 @@ def test_scienceworld_run_writes_checkpoints_metrics_and_eval(tmp_path, model_di
     assert records[1]["eval/iid/episodes"] == 2 and "eval/ood/success_rate" in records[1]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
     assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
-    assert json.loads((workdir / "config.json").read_text())["env"]["name"] == "scienceworld"
+    recorded = json.loads((workdir / "config.json").read_text())
+    assert (recorded["env"]["name"], recorded["rollout"]["engine"]) == ("scienceworld", engine)
 
 
 def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir):
     """ALFWorld (a deterministic engine), 3 steps: once straight through, once killed with
-    SIGKILL after step 2's checkpoint and restarted with the same command."""
+    SIGKILL after step 2's checkpoint and restarted with the same command. Through the continuous
+    engine, whose environments step on their workers while other replies decode (the turn engine's
+    rollouts are the same turn-by-turn loop the scienceworld run goes through)."""
+    engine = "--config.rollout.engine=continuous"
     straight = tmp_path / "straight"
-    run_main("alfworld", straight, model_dir, 3)
+    run_main("alfworld", straight, model_dir, 3, engine)
 
     resumed = tmp_path / "resumed"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    proc = subprocess.Popen(main_command("alfworld", resumed, model_dir, 3), cwd=ROOT, env=env,
+    proc = subprocess.Popen(main_command("alfworld", resumed, model_dir, 3, engine), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
     while not (resumed / "checkpoints" / "2").is_dir() and proc.poll() is None and time.time() < deadline:
@@ -84,7 +89,7 @@ def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (resumed / "checkpoints" / "2").is_dir(), "the run ended before its second checkpoint"
-    proc = run_main("alfworld", resumed, model_dir, 3)
+    proc = run_main("alfworld", resumed, model_dir, 3, engine)
 
     a, b = restored_state(straight, 3), restored_state(resumed, 3)
     leaves_a, leaves_b = jax_leaves(a), jax_leaves(b)
