@@ -11,7 +11,6 @@ per turn index.
   python bench/drift.py
 """
 import argparse
-import functools
 import os
 import pathlib
 import sys
@@ -39,9 +38,9 @@ def rollout_batch(config, model, params, pool, specs, key, dtype: str) -> tuple[
     """The step's episodes played with the sampler computing in `dtype`: the update batch and the
     rollout's wall time."""
     sampler = with_compute_dtype(model, dtype, config.model.attention)
-    generate = agent_loop.make_generate_fn(config, sampler.graphdef, sampler.config, model.tokenizer)
+    policy = agent_loop.make_policy(config, sampler.graphdef, sampler.config, model.tokenizer)
     start = time.perf_counter()
-    rollout = agent_loop.run_episodes(pool, functools.partial(generate, params["policy"], temperature=config.rollout.temperature),
+    rollout = agent_loop.run_episodes(pool, policy(params["policy"], temperature=config.rollout.temperature),
                                       model.tokenizer, specs, key, config=config)
     seconds = time.perf_counter() - start
     rows = batch_lib.update_rows(len(rollout.samples), num_minibatches=config.algo.num_minibatches,

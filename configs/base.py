@@ -52,6 +52,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # pass runs the policy anyway (PPO's value head, algo.old_logprobs=trainer, a rollout
     # correction), else every drift_every steps at the cost of a policy forward (0: never).
     c.rollout.drift_every = 1
+    # The rollout engine (epo_jax/rollout/agent_loop.py): turns = one batched sampler call per turn for
+    # every running environment; continuous = decode slots refilled as each reply ends, every
+    # environment at its own pace (epo_jax/rollout/continuous.py). Both sample the same replies.
+    c.rollout.engine = "turns"
+    c.rollout.num_slots = 0            # continuous: decode slots (0 = one per environment)
+    c.rollout.chunk_len = 8            # continuous: tokens decoded per jitted chunk between insertions
     # AEPO's entropy-balanced rollout (docs/algorithms.md section 2 (a), (b); epo_jax/rollout/branching.py):
     # a group's env.group_size environments are split into rollouts from the start and branches
     # that fork running episodes (a fresh environment replays the parent's actions).

@@ -22,6 +22,7 @@ from epo_jax.errors import ConfigError
 from epo_jax.envs import ENV_NAMES
 from epo_jax.models.config import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, SAMPLER_DTYPES, SUPPORTED_DTYPES as PARAM_DTYPES
 from epo_jax.models.lora import TARGETS as LORA_TARGETS
+from epo_jax.rollout.agent_loop import ENGINES as ROLLOUT_ENGINES
 
 __all__ = ["ConfigError", "FIELD_RULES", "CROSS_FIELD_RULES", "check_overrides", "validate", "field_names"]
 
@@ -160,6 +161,9 @@ FIELD_RULES: dict[str, Check] = {
     "rollout.prompt_buckets": sequence_of(int, non_empty=True, increasing=True),
     "rollout.dtype": choice(SAMPLER_DTYPES),
     "rollout.drift_every": integer(low=0),
+    "rollout.engine": choice(ROLLOUT_ENGINES),
+    "rollout.num_slots": integer(low=0),
+    "rollout.chunk_len": integer(low=1),
     "rollout.branching": boolean,
     "rollout.branch_premonitor": boolean,
     "rollout.branch_initial_fraction": fraction(),

@@ -398,9 +398,9 @@ def evaluate_policy(config, model: LoadedModel, policy_params, num_episodes: int
     pool = environments.make_pool(eval_config, min(EVAL_ENVS, num_episodes), group_size=1, seed=config.seed + 1)
     try:
         mesh = mesh or sharding.make_mesh(config.mesh)
-        generate = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer,
-                                               sharding.rollout_mesh(mesh))
-        metrics = evaluation.evaluate(eval_config, policy_params, generate, model.tokenizer,
+        policy = agent_loop.make_policy(config, model.graphdef, model.config, model.tokenizer,
+                                        sharding.rollout_mesh(mesh))
+        metrics = evaluation.evaluate(eval_config, policy_params, policy, model.tokenizer,
                                       jax.random.key(config.seed + 1), pool,
                                       processes.ProcessLayout.from_config(config))
     finally:

@@ -92,6 +92,9 @@ def test_reference_presets_hold_the_released_scripts_settings(env, seed, lr, alp
     ("workdir", "/etc/hostname/run", ["workdir", "/etc/hostname is a file"]),
     ("workdir", "", ["workdir", "non-empty"]),
     ("algo.pack_tokens", -1, ["algo.pack_tokens", ">= 0"]),
+    ("rollout.engine", "slots", ["rollout.engine", "'turns'", "'continuous'"]),
+    ("rollout.num_slots", -1, ["rollout.num_slots", ">= 0"]),
+    ("rollout.chunk_len", 0, ["rollout.chunk_len", ">= 1"]),
 ])
 def test_bad_values_name_field_and_range(field, value, words):
     c = load("scienceworld")

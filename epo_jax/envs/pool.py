@@ -19,7 +19,9 @@ slots run at once and the calls of one slot run in order. Two backends:
 Groups: env i belongs to group i // group_size, and `reset` takes one episode per group,
 so all members of a group play the same task and variation (GRPO, GiGPO).
 
-Single environments: `stop` ends chosen environments' episodes without a step, and `replay`
+Single environments: `step_async` submits one environment's action and returns at once
+(`finish_step` gives its result), so an environment can step while the caller decodes other
+replies; `stop` ends chosen environments' episodes without a step, and `replay`
 starts chosen environments on episodes of their own, optionally replaying an action prefix on
 a deterministic engine (TextEnv.replay) so that one environment continues another's episode
 from where it stands (branching rollouts).
@@ -43,6 +45,7 @@ import logging
 import multiprocessing
 import queue
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -89,6 +92,18 @@ class Replay(NamedTuple):
     episode: EpisodeSpec
     actions: Sequence[str] = ()
     expected: Sequence[ReplayCheck] | None = None
+
+
+class PendingStep(NamedTuple):
+    """A step submitted with `EnvPool.step_async`; `EnvPool.finish_step` turns it into its StepResult."""
+
+    index: int
+    future: concurrent.futures.Future
+    deadline: float  # time.monotonic() after which the step counts as hung
+
+    def ready(self) -> bool:
+        """Whether finish_step returns at once (the engine answered, or the step is past its deadline)."""
+        return self.future.done() or time.monotonic() >= self.deadline
 
 
 class _SlotThread:
@@ -336,6 +351,7 @@ class EnvPool:
         self._turns = np.zeros(num_envs, dtype=np.int32)
         self._episodes: list[EpisodeSpec | None] = [None] * num_envs
         self._last_info: list[dict[str, Any]] = [{} for _ in range(num_envs)]
+        self._stepping: set[int] = set()  # environments with a step_async not yet finished
         self._finalizer = weakref.finalize(self, _close_slots, self._slots, 30.0)
         for slot in self._slots:
             self._start(slot)
@@ -373,17 +389,18 @@ class EnvPool:
 
     @staticmethod
     def _gather(futures: Mapping[int, concurrent.futures.Future], timeout_s: float,
-                what: str, reraise: tuple[type[BaseException], ...] = (),
+                what: str, reraise: tuple[type[BaseException], ...] = (), limit_s: float | None = None,
                 ) -> dict[int, tuple[bool, Any]]:
-        """Waits for the futures; {index: (True, result) | (False, failure text)}.
+        """Waits for the futures (timeout_s at most); {index: (True, result) | (False, failure text)}.
 
-        An error of a type in `reraise` is raised instead of being reported as a failure.
+        An error of a type in `reraise` is raised instead of being reported as a failure. A late
+        future is reported as not answering within `limit_s` (default timeout_s).
         """
         _, late = concurrent.futures.wait(list(futures.values()), timeout=timeout_s)
         outcomes = {}
         for index, future in futures.items():
             if future in late:
-                outcomes[index] = (False, f"{what} did not answer within {timeout_s:g} s")
+                outcomes[index] = (False, f"{what} did not answer within {limit_s or timeout_s:g} s")
                 continue
             error = future.exception()
             if error is None:
@@ -504,33 +521,59 @@ class EnvPool:
             raise TypeError(f"actions must map environment index -> action text, got "
                             f"{type(actions).__name__}.")
         for index, action in actions.items():
-            self._check_index(index, "actions has key")
-            if not self._active[index]:
-                raise ValueError(f"environment {index} is not active (its episode ended); "
-                                 "reset() before stepping it again.")
-            if not isinstance(action, str):
-                raise TypeError(f"actions[{index}] must be a str, got "
-                                f"{type(action).__name__}: {action!r:.100}")
-        futures = {}
-        for index, action in actions.items():
-            slot = self._slots[int(index)]
-            futures[int(index)] = slot.worker.submit(functools.partial(slot.env.step, action))
-        results = {}
-        for index, (ok, value) in self._gather(futures, self.step_timeout_s, "step").items():
-            if ok:
-                observation, reward, done, info = value
-                self._turns[index] += 1
-                truncated = bool(not done and self._turns[index] >= self.max_turns)
-                results[index] = StepResult(observation, float(reward), bool(done), truncated,
-                                            False, info)
-                self._last_info[index] = info
-                self._active[index] = not (done or truncated)
-            else:
-                info = {**self._last_info[index], "won": False, "crash_reason": value}
-                results[index] = StepResult("", 0.0, False, True, True, info)
-                self._active[index] = False
-                self._restart(self._slots[index], value)
-        return {index: results[index] for index in futures}
+            self._check_step(index, action, "actions has key", f"actions[{index}]")
+        pending = [self.step_async(int(index), action) for index, action in actions.items()]
+        return {step.index: self.finish_step(step) for step in pending}
+
+    def _check_step(self, index: Any, action: Any, what_index: str, what_action: str) -> None:
+        self._check_index(index, what_index)
+        if not self._active[index]:
+            raise ValueError(f"environment {index} is not active (its episode ended); "
+                             "reset() before stepping it again.")
+        if int(index) in self._stepping:
+            raise ValueError(f"environment {index} has a step in progress; finish_step() it first.")
+        if not isinstance(action, str):
+            raise TypeError(f"{what_action} must be a str, got {type(action).__name__}: {action!r:.100}")
+
+    def step_async(self, index: int, action: str) -> PendingStep:
+        """Submits one active environment's action to its worker and returns at once; the step
+        runs while the caller does other work. `finish_step` gives its StepResult, with the same
+        turn limit and fault handling as `step` (a step that has not answered within
+        step_timeout_s of its submission counts as hung)."""
+        self._check_step(index, action, "step_async() got index", "action")
+        slot = self._slots[int(index)]
+        self._stepping.add(int(index))
+        return PendingStep(int(index), slot.worker.submit(functools.partial(slot.env.step, action)),
+                           time.monotonic() + self.step_timeout_s)
+
+    def finish_step(self, pending: PendingStep) -> StepResult:
+        """Waits for a step of `step_async` (until its deadline at most) and returns its result; the
+        environment leaves the active set when the result is done or truncated."""
+        index = pending.index
+        if index not in self._stepping:
+            raise ValueError(f"environment {index} has no step in progress (finish_step() was called twice?).")
+        remaining = max(0.0, pending.deadline - time.monotonic())
+        ok, value = self._gather({index: pending.future}, remaining, "step", limit_s=self.step_timeout_s)[index]
+        self._stepping.discard(index)
+        if ok:
+            observation, reward, done, info = value
+            self._turns[index] += 1
+            truncated = bool(not done and self._turns[index] >= self.max_turns)
+            self._last_info[index] = info
+            self._active[index] = not (done or truncated)
+            return StepResult(observation, float(reward), bool(done), truncated, False, info)
+        info = {**self._last_info[index], "won": False, "crash_reason": value}
+        self._active[index] = False
+        self._restart(self._slots[index], value)
+        return StepResult("", 0.0, False, True, True, info)
+
+    @staticmethod
+    def wait_steps(pending: Sequence[PendingStep]) -> None:
+        """Blocks until one of the pending steps is ready (answered or past its deadline)."""
+        if pending and not any(step.ready() for step in pending):
+            timeout = max(0.0, min(step.deadline for step in pending) - time.monotonic())
+            concurrent.futures.wait([step.future for step in pending], timeout=timeout,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
 
     def stop(self, indices: Sequence[int]) -> None:
         """Ends the named environments' episodes without a step: they leave the active set

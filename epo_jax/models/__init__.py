@@ -11,6 +11,7 @@ loading:      load_pretrained ("" = embedded SmolLM2-135M-Instruct, *.gguf, Hugg
               (the model's graph and params for another compute dtype, e.g. a bfloat16 sampler)
 attention:    attend (xla / cudnn / splash behind one function), select_implementation
 sampler:      Sampler.generate -> SampleOutput (tokens, log-probs, entropies, lengths); bucket
+continuous:   SlotEngine, continuous batching over decode slots (insert prompts, decode chunks)
 tokenizer:    load_tokenizer, gguf_tokenizer, token_bytes
 """
 from epo_jax.models.attention import attend, select_implementation
@@ -34,6 +35,7 @@ from epo_jax.models.loading import (
     save_pretrained,
     with_compute_dtype,
 )
+from epo_jax.models.continuous import SlotEngine
 from epo_jax.models.sampler import FINISH_REASONS, SampleOutput, Sampler, SamplingParams, bucket, stop_string_table
 from epo_jax.models.tokenizer import gguf_tokenizer, load_tokenizer, token_bytes
 from epo_jax.models.transformer import (
@@ -48,7 +50,7 @@ from epo_jax.models.transformer import (
 )
 
 __all__ = [
-    "ATTENTION_IMPLEMENTATIONS", "COMPUTE_DTYPES", "EMBEDDED_MODEL", "FINISH_REASONS", "ModelConfig", "LoadedModel", "SAMPLER_DTYPES", "SampleOutput", "Sampler", "SamplingParams",
+    "ATTENTION_IMPLEMENTATIONS", "COMPUTE_DTYPES", "EMBEDDED_MODEL", "FINISH_REASONS", "ModelConfig", "LoadedModel", "SAMPLER_DTYPES", "SampleOutput", "Sampler", "SamplingParams", "SlotEngine",
     "Transformer", "UnsupportedArchitectureError", "abstract_params", "attend", "bucket", "cast_for_compute", "embedded_gguf_path", "from_hf_config",
     "gguf_tokenizer", "hidden_states", "init_params", "load_gguf", "load_hf_folder", "load_pretrained",
     "load_tokenizer", "logits", "param_partition_specs", "positions_from_mask", "resolve_numerics",

@@ -224,8 +224,9 @@ def _sampling_head(
     entropy_B = jnp.log(sum_B) - jnp.sum(exp_BxV * shifted_BxV, axis=-1) / sum_B
     log_normalizer_B = max_B + jnp.log(sum_B)
     if statics.greedy:
-        vocab_ids = jnp.arange(z_BxV.shape[-1])
-        token_B = jnp.min(jnp.where(shifted_BxV >= 0, vocab_ids, z_BxV.shape[-1]), axis=-1).astype(jnp.int32)
+        # argmax, not a comparison with max_B: XLA may recompute z in another fusion, where it can
+        # round differently from the z the maximum was taken over, and then no token would match.
+        token_B = jnp.argmax(z_BxV, axis=-1).astype(jnp.int32)
     else:
         keep_BxV = _truncation_mask(z_BxV, log_normalizer_B, statics.top_k, top_p if statics.use_top_p else None)
         weights_BxV = exp_BxV if keep_BxV is None else jnp.where(keep_BxV, exp_BxV, 0.0)
@@ -285,6 +286,20 @@ def _initial_state(cache: KVCache, done_B: jax.Array, max_new_tokens: int, num_s
         finish_reasons_B=jnp.full((batch,), FINISH_LENGTH, jnp.int32))
 
 
+def _stop_checks(token_B: jax.Array, stop_states_BxK: jax.Array, statics: _DecodeStatics,
+                 stop_table: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(each stop string's matcher state after token_B, token is an EOS id, a stop string is complete)."""
+    if statics.stop_lengths:
+        stop_index = jnp.arange(stop_table.shape[0])
+        stop_states_BxK = stop_table[stop_index[None, :], stop_states_BxK, token_B[:, None]]
+        hit_stop = jnp.any(stop_states_BxK == jnp.asarray(statics.stop_lengths, jnp.int32)[None, :], axis=1)
+    else:
+        hit_stop = jnp.zeros(token_B.shape, bool)
+    eos_ids = jnp.asarray(statics.eos_ids or (-1,), dtype=jnp.int32)
+    hit_eos = jnp.any(token_B[:, None] == eos_ids[None, :], axis=1)
+    return stop_states_BxK, hit_eos, hit_stop
+
+
 def _record(state: DecodeState, logits_BxV: jax.Array, row_keys_B: jax.Array, statics: _DecodeStatics,
             temperature: jax.Array, top_p: jax.Array, stop_table: jax.Array) -> DecodeState:
     """Samples token `state.step` of every row from its logits and records it in the state."""
@@ -292,15 +307,7 @@ def _record(state: DecodeState, logits_BxV: jax.Array, row_keys_B: jax.Array, st
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_B)
     token_B, logprob_B, entropy_B = _sampling_head(logits_BxV, step_keys, statics, temperature, top_p)
     active = ~state.done_B
-    stop_states = state.stop_states_BxK
-    if statics.stop_lengths:
-        stop_index = jnp.arange(stop_table.shape[0])
-        stop_states = stop_table[stop_index[None, :], stop_states, token_B[:, None]]
-        hit_stop = jnp.any(stop_states == jnp.asarray(statics.stop_lengths, jnp.int32)[None, :], axis=1)
-    else:
-        hit_stop = jnp.zeros_like(state.done_B)
-    eos_ids = jnp.asarray(statics.eos_ids or (-1,), dtype=jnp.int32)
-    hit_eos = jnp.any(token_B[:, None] == eos_ids[None, :], axis=1)
+    stop_states, hit_eos, hit_stop = _stop_checks(token_B, state.stop_states_BxK, statics, stop_table)
     reasons = jnp.where(active & hit_eos, FINISH_EOS,
                         jnp.where(active & hit_stop, FINISH_STOP_STRING, state.finish_reasons_B))
     return state._replace(
@@ -335,7 +342,7 @@ def _decode(
     logits_BxV: jax.Array,
     mask_BxP: jax.Array,
     done_B: jax.Array,
-    key: jax.Array,
+    row_keys_B: jax.Array,
     temperature: jax.Array,
     top_p: jax.Array,
     stop_table: jax.Array,
@@ -360,7 +367,6 @@ def _decode(
                             preferred_element_type=jnp.float32)
         return logits, cache
 
-    row_keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(batch))
     record = functools.partial(_record, row_keys_B=row_keys_B, statics=statics, temperature=temperature,
                                top_p=top_p, stop_table=stop_table)
     state = _sample_loop(tokens_to_logits, record, logits_BxV,
@@ -421,18 +427,6 @@ class Sampler:
             return jnp.asarray(array)
         return jax.device_put(array, self._batch_sharding(array.ndim))
 
-    def _decode_statics(self, sampling: SamplingParams) -> _DecodeStatics:
-        return _DecodeStatics(
-            graphdef=self.graphdef, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
-            top_k=sampling.top_k, use_top_p=sampling.top_p < 1, eos_ids=self.eos_token_ids,
-            stop_lengths=tuple(len(s.encode("utf-8")) for s in self.stop_strings))
-
-    def _kernel_mesh(self):
-        """The splash kernel runs per shard in a shard_map over the context mesh (Mosaic kernels are
-        not partitioned automatically); the other kernels need no mesh context."""
-        splash_mesh = self.mesh is not None and self.model_config.attention == "splash"
-        return jax.set_mesh(self.mesh) if splash_mesh else contextlib.nullcontext()
-
     def _abstract_rows(self, num_prompts: int, prompt_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         batch = _batch_bucket(num_prompts, self._batch_shards)
         return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self._batch_sharding(len(shape)))
@@ -445,7 +439,7 @@ class Sampler:
         lowered at abstract shapes (params may hold jax.ShapeDtypeStruct leaves): what
         `epo_jax.plan` compiles to size the rollout without allocating it."""
         rows = self._abstract_rows(num_prompts, prompt_len)
-        with self._kernel_mesh():
+        with self.kernel_mesh():
             return _prefill.lower(self.graphdef, params, rows["tokens"], rows["mask"],
                                   prompt_len + sampling.max_new_tokens)
 
@@ -455,13 +449,60 @@ class Sampler:
         the prefill returns, as jax.ShapeDtypeStruct leaves with the compiled prefill's output shardings."""
         rows = self._abstract_rows(num_prompts, prompt_len)
         cache, logits = prefill_outputs
-        return _decode.lower(self._decode_statics(sampling), params, cache, logits, rows["mask"], rows["done"],
-                             jax.random.key(0), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
+        row_keys = self._row_keys(jax.random.key(0), num_prompts, rows["done"].shape[0])
+        return _decode.lower(self.decode_statics(sampling), params, cache, logits, rows["mask"], rows["done"],
+                             row_keys, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
                              self._stop_table)
+
+    def left_padded(self, prompts: Sequence[Sequence[int]], width: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, mask) [rows, width], each prompt right-aligned; rows past the prompts repeat prompt 0."""
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
+        tokens = np.zeros((rows, width), np.int32)
+        mask = np.zeros((rows, width), bool)
+        for row in range(rows):
+            prompt = prompts[row] if row < len(prompts) else prompts[0]
+            tokens[row, width - len(prompt):] = prompt
+            mask[row, width - len(prompt):] = True
+        if tokens.max() >= self.model_config.vocab_size or tokens.min() < 0:
+            raise ValueError(f"prompt token ids must lie in [0, {self.model_config.vocab_size}); "
+                             f"found ids in [{tokens.min()}, {tokens.max()}].")
+        return tokens, mask
+
+    def kernel_mesh(self) -> contextlib.AbstractContextManager:
+        """The mesh context prefill runs under: the splash kernel runs per shard in a shard_map over
+        it (Mosaic kernels are not partitioned automatically); the other kernels need none."""
+        splash_mesh = self.mesh is not None and self.model_config.attention == "splash"
+        return jax.set_mesh(self.mesh) if splash_mesh else contextlib.nullcontext()
+
+    def decode_statics(self, sampling: SamplingParams) -> _DecodeStatics:
+        """What the decode programs are specialised on for `sampling` (temperature and top_p are traced)."""
+        return _DecodeStatics(
+            graphdef=self.graphdef, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
+            top_k=sampling.top_k, use_top_p=sampling.top_p < 1, eos_ids=self.eos_token_ids,
+            stop_lengths=tuple(len(s.encode("utf-8")) for s in self.stop_strings))
+
+    def batch_rows(self, num_prompts: int) -> int:
+        """Rows a call with `num_prompts` prompts decodes (a power of two, a multiple of the batch shards)."""
+        return _batch_bucket(num_prompts, self._batch_shards)
 
     def program_shape(self, num_prompts: int, longest_prompt: int) -> tuple[int, int]:
         """(rows, prompt length) of the programs that generate for these prompts: one compile each."""
-        return _batch_bucket(num_prompts, self._batch_shards), bucket(longest_prompt, self.prompt_buckets)
+        return self.batch_rows(num_prompts), bucket(longest_prompt, self.prompt_buckets)
+
+    def _row_keys(self, key: jax.Array, num_prompts: int, batch: int) -> jax.Array:
+        """One key per row; filler rows reuse row 0's."""
+        if key.shape == (num_prompts,):
+            row_keys = key
+        elif key.shape == ():
+            row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(num_prompts))
+        else:
+            raise ValueError(f"key has shape {key.shape}; pass one key or one per prompt ({num_prompts},).")
+        row_keys = jnp.concatenate([row_keys, jnp.broadcast_to(row_keys[:1], (batch - num_prompts,))])
+        if self.mesh is None:
+            return row_keys
+        return jax.device_put(row_keys, NamedSharding(self.mesh, PartitionSpec(self._batch_axes or None)))
 
     def generate(
         self,
@@ -472,28 +513,20 @@ class Sampler:
     ) -> SampleOutput:
         """Continuations of `prompts` (token id lists); deterministic for a given key.
 
-        Row i draws its randomness from fold_in(fold_in(key, i), step), so a prompt's continuation
-        does not depend on the batch bucket it lands in.
+        `key` is one key, or one key per prompt (shape [len(prompts)]). Row i draws token `step`
+        from fold_in(row_key_i, step), where row_key_i is key[i] or, for a single key,
+        fold_in(key, i); so a prompt's continuation does not depend on the batch bucket it lands
+        in, and with per-prompt keys not on the other prompts either.
         """
         if not prompts:
             raise ValueError("prompts is empty; pass at least one token id list.")
-        lengths = [len(p) for p in prompts]
-        if min(lengths) == 0:
-            raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
-        batch, prompt_len = self.program_shape(len(prompts), max(lengths))
-        tokens = np.zeros((batch, prompt_len), np.int32)
-        mask = np.zeros((batch, prompt_len), bool)
-        for row in range(batch):
-            prompt = prompts[row] if row < len(prompts) else prompts[0]
-            tokens[row, prompt_len - len(prompt):] = prompt
-            mask[row, prompt_len - len(prompt):] = True
-        if tokens.max() >= self.model_config.vocab_size or tokens.min() < 0:
-            raise ValueError(f"prompt token ids must lie in [0, {self.model_config.vocab_size}); "
-                             f"found ids in [{tokens.min()}, {tokens.max()}].")
+        batch, prompt_len = self.program_shape(len(prompts), max(len(p) for p in prompts))
+        tokens, mask = self.left_padded(prompts, prompt_len, batch)
         done = np.arange(batch) >= len(prompts)  # filler rows start finished
+        row_keys = self._row_keys(key, len(prompts), batch)
         tokens_j, mask_j = self._batch_sharded(tokens), self._batch_sharded(mask)
-        with self._kernel_mesh():
+        with self.kernel_mesh():
             cache, logits = _prefill(self.graphdef, params, tokens_j, mask_j, prompt_len + sampling.max_new_tokens)
-        _, out = _decode(self._decode_statics(sampling), params, cache, logits, mask_j, self._batch_sharded(done),
-                         key, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), self._stop_table)
+        _, out = _decode(self.decode_statics(sampling), params, cache, logits, mask_j, self._batch_sharded(done),
+                         row_keys, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), self._stop_table)
         return SampleOutput(*(np.asarray(x)[: len(prompts)] for x in out))

@@ -183,16 +183,26 @@ class Attention(nnx.Module):
         cache_positions_BxS: jax.Array,
         cache_segments_BxS: jax.Array,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Writes this step's keys/values at slot `cache_index` of the cache and attends over the whole cache."""
+        """Writes this step's keys/values at slot `cache_index` of the cache (a scalar, or [B]: one slot
+        per row) and attends over the whole cache."""
         q, k_new, v_new = self._project(x_BxTxD, positions_BxT)
         k_cache, v_cache = cache
-        start = (0, 0, cache_index, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
+        k_cache = _write_cache(k_cache, k_new, cache_index)
+        v_cache = _write_cache(v_cache, v_new, cache_index)
         attended = attend(q, k_cache, v_cache, positions_BxT, jnp.ones_like(positions_BxT),
                           cache_positions_BxS, cache_segments_BxS,
                           implementation=self.config.attention, query_chunk=self.config.attention_query_chunk)
         return self._output(attended), (k_cache, v_cache)
+
+
+def _write_cache(cache_BxKxSxH: jax.Array, new_BxKxTxH: jax.Array, index: jax.Array) -> jax.Array:
+    """The cache with `new` written at slots [index, index + T): the same slots in every row for a
+    scalar index, each row's own for an index per row."""
+    new_BxKxTxH = new_BxKxTxH.astype(cache_BxKxSxH.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache_BxKxSxH, new_BxKxTxH, (0, 0, index, 0))
+    return jax.vmap(lambda row, new, i: jax.lax.dynamic_update_slice(row, new, (0, i, 0)))(
+        cache_BxKxSxH, new_BxKxTxH, index)
 
 
 class MLP(nnx.Module):
@@ -303,7 +313,8 @@ class Transformer(nnx.Module):
         cache_positions_BxS: jax.Array,
         cache_segments_BxS: jax.Array,
     ) -> tuple[jax.Array, KVCache]:
-        """Runs T new tokens (at positions_BxT) written at cache slots [cache_index, cache_index + T).
+        """Runs T new tokens (at positions_BxT) written at cache slots [cache_index, cache_index + T)
+        (cache_index: a scalar, or one slot per row [B]).
 
         cache_positions_BxS are the positions of the tokens each slot holds or will hold, and
         cache_segments_BxS their segment ids (0 for prompt padding): a query sees the slots of its

@@ -1,11 +1,22 @@
-"""The multi-turn agent loop: every turn, one batched sampler call for all active environments.
+"""The multi-turn agent loop over an EnvPool, with one of two engines (`rollout.engine`):
 
-    rollout = run_episodes(pool, generate, tokenizer, specs, rng, config=config)
+    rollout = run_episodes(pool, policy, tokenizer, specs, rng, config=config)
 
-Per turn: render the prompt of each active environment (task, recent history, observation,
-admissible actions) through the model's chat template, generate all replies in one call, parse
-each reply's <action>, and step the pool with the actions. Each turn becomes a `TurnSample`
-holding the exact prompt and response token ids and the sampler's log-probabilities.
+A turn renders the prompt of an environment (task, recent history, observation, admissible
+actions) through the model's chat template, generates the reply, parses its <action> and steps
+the environment with it. Each turn becomes a `TurnSample` holding the exact prompt and response
+token ids and the sampler's log-probabilities.
+
+  turns       every turn, one batched sampler call for all active environments, then one
+              parallel step of all of them: the turn ends when its longest reply does.
+  continuous  slots without a turn barrier (epo_jax/rollout/continuous.py): a reply goes to its
+              environment as soon as it ends and the environment's next prompt takes a free
+              decode slot, while the other slots keep decoding.
+
+Both engines play the same episodes: reply `turn` of the episode with trajectory id `traj`
+samples from `reply_key(rng, traj, turn)` = fold_in(fold_in(rng, traj), turn), whichever
+batch, slot or moment it is generated in, so the samples do not depend on the engine, the
+number of slots or the order in which the environments answer.
 
 When an episode ends, its reward (the last reward the engine gave: success_reward x won with
 the sparse reward, the summed score deltas with the dense one) is set on every one of its turns;
@@ -14,10 +25,14 @@ out of training and of success rates by the trainer.
 
 With `rollout.branching`, groups spend their environments as AEPO's entropy-balanced rollout
 decides: rollouts from the start plus branches that fork running episodes (see run_episodes and
-epo_jax/rollout/branching.py).
+epo_jax/rollout/branching.py). Each group has its own brancher and random stream, and decides
+after each of its turns: the turn engine's after every turn, the continuous engine's when every
+running member of the group has played the turn (the group's members keep step with each other,
+the groups do not), so both engines grow the same trees.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import zlib
@@ -28,12 +43,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from epo_jax.envs import EnvPool, EpisodeSpec, Replay, StepResult
+from epo_jax.models.continuous import SlotEngine
 from epo_jax.models.loading import cast_for_compute
-from epo_jax.models.sampler import Sampler, SamplingParams
+from epo_jax.models.sampler import SampleOutput, Sampler, SamplingParams
 from epo_jax.rollout import branching as branching_lib
+from epo_jax.rollout import continuous as continuous_lib
 from epo_jax.rollout import prompts as prompts_lib
 from epo_jax.rollout.actions import parse_action
 from epo_jax.rollout.samples import Episode, TurnSample
+
+ENGINES = ("turns", "continuous")  # allowed values of rollout.engine
 
 
 @dataclasses.dataclass
@@ -45,8 +64,18 @@ class Generation:
     text: str
 
 
-# generate(prompt_ids, rng) -> one Generation per prompt
+# generate(prompt_ids, keys) -> one Generation per prompt; keys[i] is prompt i's reply key
 GenerateFn = Callable[[Sequence[np.ndarray], jax.Array], list[Generation]]
+
+
+def reply_key(rng: jax.Array, traj_id: int, turn_index: int) -> jax.Array:
+    """The key of reply `turn_index` of episode `traj_id`: what both engines sample it from."""
+    return jax.random.fold_in(jax.random.fold_in(rng, traj_id), turn_index)
+
+
+@jax.jit
+def _reply_keys(rng: jax.Array, traj_ids: jax.Array, turn_indices: jax.Array) -> jax.Array:
+    return jax.vmap(reply_key, in_axes=(None, 0, 0))(rng, traj_ids, turn_indices)
 
 
 @dataclasses.dataclass
@@ -125,14 +154,15 @@ class _RolloutInProgress:
     offsets; every turn sample of an episode carries them unchanged.
     """
 
-    def __init__(self, pool: EnvPool, tokenizer, specs: Sequence[EpisodeSpec], config, *,
+    def __init__(self, pool: EnvPool, tokenizer, specs: Sequence[EpisodeSpec], rng: jax.Array, config, *,
                  traj_id_offset: int, group_id_offset: int):
-        self.pool, self.tokenizer, self.specs, self.config = pool, tokenizer, specs, config
+        self.pool, self.tokenizer, self.specs, self.rng, self.config = pool, tokenizer, specs, rng, config
         self.traj_id_offset, self.group_id_offset = traj_id_offset, group_id_offset
         self.episodes: list[Episode | None] = [None] * pool.num_envs
         self.trajectories: list[_Trajectory | None] = [None] * pool.num_envs
         self.stats = {"time/generate_s": 0.0, "time/env_s": 0.0, "rollout/new_tokens": 0.0,
-                      "rollout/prompt_tokens": 0.0, "rollout/truncated_prompts": 0.0}
+                      "rollout/prompt_tokens": 0.0, "rollout/truncated_prompts": 0.0,
+                      "rollout/decode_row_steps": 0.0, "rollout/active_row_steps": 0.0}
 
     def timed(self, key: str, fn: Callable, *args):
         t0 = time.perf_counter()
@@ -150,6 +180,17 @@ class _RolloutInProgress:
         self.episodes[slot] = Episode(traj_id=self.traj_id_offset + slot,
                                       group_id=self.group_id_offset + self._group(slot),
                                       task=spec.task, variation=int(spec.variation))
+
+    def reply_keys(self, slots: Sequence[int]) -> jax.Array:
+        """The keys of the slots' next replies (reply_key of each episode's id and next turn)."""
+        traj_ids = [self.episodes[i].traj_id for i in slots]
+        turns = [len(self.trajectories[i].samples) for i in slots]
+        return _reply_keys(self.rng, jnp.asarray(traj_ids, jnp.int32), jnp.asarray(turns, jnp.int32))
+
+    def count_decode(self, row_steps: int, active_row_steps: int) -> None:
+        """Decode steps x rows computed, and how many of them sampled a token of a running reply."""
+        self.stats["rollout/decode_row_steps"] += row_steps
+        self.stats["rollout/active_row_steps"] += active_row_steps
 
     def render_prompt(self, slot: int) -> np.ndarray:
         state = self.trajectories[slot]
@@ -211,6 +252,11 @@ class _RolloutInProgress:
                 branch_turn=self.episodes[parent].num_turns)
             self.stats["rollout/replayed_steps"] += len(self.trajectories[parent].actions)
 
+    def running(self, slots: Sequence[int] | None = None) -> list[int]:
+        """The slots (of `slots`, default all) whose episodes go on, ascending."""
+        active = self.pool.active
+        return [int(i) for i in (np.flatnonzero(active) if slots is None else slots) if active[i]]
+
     def finish(self) -> tuple[list[TurnSample], list[Episode]]:
         """The played episodes in slot order, each with its turn samples; every sample carries
         its episode's reward, and the last turn is marked."""
@@ -227,47 +273,78 @@ class _RolloutInProgress:
         return samples, episodes
 
 
-def _start_brancher(rollout: _RolloutInProgress, rng: jax.Array
-                    ) -> branching_lib.EntropyBalancedBrancher | None:
+class GroupBranchers:
+    """AEPO's brancher for each group, each drawing from its own stream (seeded by the rollout key
+    and the group id), so a group's starts and forks depend on its own turns alone, whichever
+    engine plays them and in whatever order the groups' turns end. Slots are the pool's."""
+
+    def __init__(self, pool: EnvPool, params: branching_lib.BranchingParams, rng: jax.Array,
+                 group_id_offset: int, vocab_size: int):
+        self.group_size, self.params, self.vocab_size = pool.group_size, params, vocab_size
+        self.groups = [branching_lib.EntropyBalancedBrancher(
+            1, pool.group_size, params, _numpy_rng(jax.random.fold_in(rng, group_id_offset + g)))
+            for g in range(pool.num_groups)]
+
+    def start(self) -> list[int]:
+        """The slots that start from the root before the first turn."""
+        return [g * self.group_size + s for g, brancher in enumerate(self.groups) for s in brancher.start()]
+
+    def observe(self, slot: int, generation: Generation) -> None:
+        """Records the turn entropy of the reply slot `slot` just generated."""
+        entropy = branching_lib.turn_entropy(generation.entropy, self.params.entropy_tokens, self.vocab_size)
+        self.groups[slot // self.group_size].observe(slot % self.group_size, entropy)
+
+    def after_turn(self, group: int, active: Sequence[int]) -> branching_lib.Plan:
+        """Group `group`'s starts and forks after its turn; `active`: the pool's running slots."""
+        base = group * self.group_size
+        local = [i - base for i in active if base <= i < base + self.group_size]
+        plan = self.groups[group].after_turn(local)
+        return branching_lib.Plan(starts=[base + i for i in plan.starts],
+                                  forks=[branching_lib.Fork(base + f.parent, base + f.child) for f in plan.forks])
+
+    def stats(self) -> dict[str, float]:
+        stats = {"rollout/branches": float(sum(b.num_forks for b in self.groups)),
+                 "rollout/fresh_rollouts": float(sum(b.num_starts for b in self.groups))}
+        if self.params.premonitor:  # means over the groups (every group ends its monitoring)
+            for key in ("h_root", "h_tool", "initial_rollouts"):
+                stats[f"branching/{key}"] = float(np.mean([getattr(b, key)[0] for b in self.groups]))
+        return stats
+
+
+def _start_branchers(rollout: _RolloutInProgress) -> GroupBranchers | None:
     """Begins the episodes: every slot from the start, or AEPO's first rollouts of each group
-    (the brancher then decides the others turn by turn)."""
+    (the branchers then decide the others turn by turn)."""
     pool, config = rollout.pool, rollout.config
     if not (branching_lib.enabled(config) and pool.group_size > 1):
         for i, reset in enumerate(pool.reset(list(rollout.specs))):
             rollout.begin(i, reset)
         return None
-    params = branching_lib.BranchingParams.from_config(config.rollout)
-    brancher = branching_lib.EntropyBalancedBrancher(pool.num_groups, pool.group_size, params,
-                                                     _numpy_rng(rng))
+    branchers = GroupBranchers(pool, branching_lib.BranchingParams.from_config(config.rollout), rollout.rng,
+                               rollout.group_id_offset, _vocab_size(rollout.tokenizer))
     rollout.stats.update({"rollout/branches": 0.0, "rollout/fresh_rollouts": 0.0,
                           "rollout/replayed_steps": 0.0, "time/replay_s": 0.0})
     pool.stop(range(pool.num_envs))
-    starts = brancher.start()
+    starts = branchers.start()
     resets = rollout.timed("time/replay_s", pool.replay,
                            {i: Replay(rollout.specs[rollout._group(i)]) for i in starts})
     for i in starts:
         rollout.begin(i, resets[i])
-    return brancher
-
-
-def _branching_stats(brancher: branching_lib.EntropyBalancedBrancher) -> dict[str, float]:
-    stats = {"rollout/branches": float(brancher.num_forks),
-             "rollout/fresh_rollouts": float(brancher.num_starts)}
-    if brancher.params.premonitor:  # means over the groups (every group ends its monitoring)
-        for key, values in (("h_root", brancher.h_root), ("h_tool", brancher.h_tool),
-                            ("initial_rollouts", brancher.initial_rollouts)):
-            stats[f"branching/{key}"] = float(np.mean(values))
-    return stats
+    return branchers
 
 
 # on_turn(turn, active environments, rollout statistics so far): called after each turn.
 TurnCallback = Callable[[int, int, Mapping[str, float]], None]
 
 
-def run_episodes(pool: EnvPool, generate: GenerateFn, tokenizer, specs: Sequence[EpisodeSpec],
+def run_episodes(pool: EnvPool, generate: GenerateFn | Policy, tokenizer, specs: Sequence[EpisodeSpec],
                  rng: jax.Array, *, config, traj_id_offset: int = 0, group_id_offset: int = 0,
                  on_turn: TurnCallback | None = None) -> Rollout:
     """Plays the episodes of `pool` (group g plays specs[g]) to their end.
+
+    `generate` is the model's Policy (make_policy), which both engines use; the turn engine also
+    takes any GenerateFn. `config.rollout.engine` picks the engine (`num_slots`, `chunk_len`:
+    the continuous engine's slots and decode-chunk length); reply t of the episode with
+    trajectory id i samples from reply_key(rng, i, t) in both.
 
     Without branching, every environment plays one episode from the start. With
     `config.rollout.branching` (and groups of two or more), each group's slots are spent as
@@ -285,37 +362,120 @@ def run_episodes(pool: EnvPool, generate: GenerateFn, tokenizer, specs: Sequence
     """
     if len(specs) != pool.num_groups:
         raise ValueError(f"run_episodes: {len(specs)} episode specs for a pool of {pool.num_groups} groups")
+    engine = config.rollout.engine
+    if engine not in ENGINES:
+        raise ValueError(f"rollout.engine={engine!r} is not one of {ENGINES}.")
+    if engine == "continuous" and not isinstance(generate, Policy):
+        raise TypeError("rollout.engine='continuous' decodes in slots and needs the model's Policy "
+                        f"(agent_loop.make_policy), not a {type(generate).__name__}; use rollout.engine='turns'.")
     t_start = time.perf_counter()
-    rollout = _RolloutInProgress(pool, tokenizer, specs, config, traj_id_offset=traj_id_offset,
+    rollout = _RolloutInProgress(pool, tokenizer, specs, rng, config, traj_id_offset=traj_id_offset,
                                  group_id_offset=group_id_offset)
-    brancher = _start_brancher(rollout, rng)
-    vocab_size = _vocab_size(tokenizer)
+    branchers = _start_branchers(rollout)
+    if engine == "continuous":
+        slot_engine = generate.slot_engine(int(config.rollout.num_slots) or pool.num_envs,
+                                           int(config.rollout.chunk_len))
+        with generate.announced(("continuous", slot_engine.num_slots, slot_engine.chunk_len, generate.sampling),
+                                f"the slot engine for {slot_engine.num_slots} slots x {slot_engine.chunk_len}-token "
+                                "chunks", "played its first rollout"):
+            turns = continuous_lib.play(rollout, slot_engine, generate.generations, branchers, on_turn)
+    else:
+        turns = _play_turns(rollout, generate, branchers, on_turn)
+    samples, episodes = rollout.finish()
+    stats = dict(rollout.stats, **{"rollout/turns": float(turns)})
+    if branchers is not None:
+        stats.update(branchers.stats())
+    stats["throughput/rollout_tokens_per_s"] = stats["rollout/new_tokens"] / max(stats["time/generate_s"], 1e-9)
+    stats["rollout/idle_row_fraction"] = idle_row_fraction(stats)
+    stats["time/rollout_wall_s"] = time.perf_counter() - t_start
+    return Rollout(samples=samples, episodes=episodes, stats=stats)
+
+
+def idle_row_fraction(stats: Mapping[str, float]) -> float:
+    """The share of the decode steps' rows that sampled no token of a running reply (rows whose
+    reply had ended, free slots, batch padding)."""
+    return 1.0 - stats["rollout/active_row_steps"] / max(stats["rollout/decode_row_steps"], 1.0)
+
+
+def _play_turns(rollout: _RolloutInProgress, generate: GenerateFn, branchers: GroupBranchers | None,
+                on_turn: TurnCallback | None) -> int:
+    """The turn-batched engine: every turn, one sampler call for all running episodes, then one
+    parallel step of their environments, then the groups' branching decisions. Returns the turns."""
+    pool = rollout.pool
     turn = 0
     while pool.active.any():
-        active = [int(i) for i in np.flatnonzero(pool.active)]
+        active = rollout.running()
         prompt_ids = [rollout.render_prompt(i) for i in active]
-        generations = rollout.timed("time/generate_s", generate, prompt_ids, jax.random.fold_in(rng, turn))
+        generations = rollout.timed("time/generate_s", generate, prompt_ids, rollout.reply_keys(active))
+        lengths = [len(g.ids) for g in generations]
+        rows = generate.sampler.batch_rows(len(active)) if isinstance(generate, Policy) else len(active)
+        # Token 0 comes from the prefill; each decode step then samples one token of every row.
+        rollout.count_decode(rows * (max(lengths) - 1), sum(lengths) - len(lengths))
         actions = {}
         for i, ids, generation in zip(active, prompt_ids, generations):
             actions[i] = rollout.record_turn(i, ids, generation)
-            if brancher is not None:
-                brancher.observe(i, branching_lib.turn_entropy(
-                    generation.entropy, brancher.params.entropy_tokens, vocab_size))
+            if branchers is not None:
+                branchers.observe(i, generation)
         results = rollout.timed("time/env_s", pool.step, actions)
         for i, result in results.items():
             rollout.apply_step(i, actions[i], result)
-        if brancher is not None:
-            rollout.apply_plan(brancher.after_turn(np.flatnonzero(pool.active)))
+        if branchers is not None:
+            running = rollout.running()
+            plans = [branchers.after_turn(g, running) for g in range(pool.num_groups)]
+            rollout.apply_plan(branching_lib.Plan(starts=[i for p in plans for i in p.starts],
+                                                  forks=[f for p in plans for f in p.forks]))
         turn += 1
         if on_turn is not None:
             on_turn(turn, len(active), rollout.stats)
-    samples, episodes = rollout.finish()
-    stats = dict(rollout.stats, **{"rollout/turns": float(turn)})
-    if brancher is not None:
-        stats.update(_branching_stats(brancher))
-    stats["throughput/rollout_tokens_per_s"] = stats["rollout/new_tokens"] / max(stats["time/generate_s"], 1e-9)
-    stats["time/rollout_wall_s"] = time.perf_counter() - t_start
-    return Rollout(samples=samples, episodes=episodes, stats=stats)
+    return turn
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The model's sampler with a policy's params and sampling settings, as the engines use it:
+    called like a GenerateFn by the turn engine, `slot_engine` for the continuous one."""
+
+    sampler: Sampler
+    params: Any
+    sampling: SamplingParams
+    tokenizer: Any
+    # Hears when a call needs programs of a new shape (they compile during that call, the slow
+    # part of a first rollout) and how long that call took; `compiled_for` is shared by every
+    # Policy of one make_policy, as the compiled programs are.
+    announce: Callable[[str], None] | None = None
+    compiled_for: set = dataclasses.field(default_factory=set)
+
+    def __call__(self, prompt_ids: Sequence[np.ndarray], keys: jax.Array) -> list[Generation]:
+        rows, prompt_len = self.sampler.program_shape(len(prompt_ids), max(len(p) for p in prompt_ids))
+        with self.announced(("turns", rows, prompt_len, self.sampling),
+                            f"the sampler for {rows} rows x {prompt_len}-token prompts", "generated its first batch"):
+            out = self.sampler.generate(self.params, [list(map(int, p)) for p in prompt_ids], keys, self.sampling)
+        return self.generations(out)
+
+    @contextlib.contextmanager
+    def announced(self, shape: tuple, what: str, first_use: str):
+        """Announces the programs of `shape` (`what`) around their first use (`first_use`)."""
+        first = self.announce is not None and shape not in self.compiled_for
+        if first:
+            self.announce(f"compiling {what} (first use of this shape)")
+        t_start = time.perf_counter()
+        yield
+        if first:
+            self.compiled_for.add(shape)
+            self.announce(f"compiled {what} and {first_use} in {time.perf_counter() - t_start:.1f} s")
+
+    def generations(self, out: SampleOutput) -> list[Generation]:
+        """One Generation per row of the sampler's output (the reply's text decoded)."""
+        generations = []
+        for row, length in enumerate(out.lengths):
+            ids = out.tokens[row, :length]
+            generations.append(Generation(ids=ids, logprobs=out.logprobs[row, :length],
+                                          entropy=out.entropies[row, :length],
+                                          text=self.tokenizer.decode(ids, skip_special_tokens=True)))
+        return generations
+
+    def slot_engine(self, num_slots: int, chunk_len: int) -> SlotEngine:
+        return SlotEngine(self.sampler, self.params, self.sampling, num_slots=num_slots, chunk_len=chunk_len)
 
 
 def make_sampler(config, graphdef, model_config, tokenizer, mesh=None) -> Sampler:
@@ -332,40 +492,21 @@ def sampling_params(config, temperature: float) -> SamplingParams:
         max_new_tokens=int(config.rollout.max_response_len))
 
 
-def make_generate_fn(config, graphdef, model_config, tokenizer, mesh=None,
-                     announce: Callable[[str], None] | None = None):
-    """generate(params, prompt_ids, rng, *, temperature) -> [Generation] with our sampler
-    (one compiled program per prompt-length and batch bucket; params are an argument), computing
-    as `graphdef` / `model_config` say (the trainer's model, or `loading.with_compute_dtype`'s for
-    rollout.dtype): params stored wider than that dtype are cast to it first.
-
-    `announce(message)`, if given, hears when a call needs programs of a new shape (they compile
-    during that call, which is the slow part of a first rollout) and how long that call took."""
+def make_policy(config, graphdef, model_config, tokenizer, mesh=None,
+                announce: Callable[[str], None] | None = None) -> Callable[..., Policy]:
+    """policy(params, *, temperature) -> Policy with our sampler (compiled programs are shared by
+    every Policy: one per prompt-length and batch bucket, params are an argument); temperature 0
+    decodes greedily. The sampler computes as `graphdef` / `model_config` say (the trainer's model,
+    or `loading.with_compute_dtype`'s for rollout.dtype): params stored wider than that dtype are
+    cast to it once per Policy. `announce(message)`, if given, hears of each program shape's first use."""
     sampler = make_sampler(config, graphdef, model_config, tokenizer, mesh)
     compiled_for: set = set()
 
-    def generate(params, prompt_ids: Sequence[np.ndarray], rng: jax.Array, *,
-                 temperature: float) -> list[Generation]:
-        sampling = sampling_params(config, temperature)
-        rows, prompt_len = sampler.program_shape(len(prompt_ids), max(len(p) for p in prompt_ids))
-        first = announce is not None and (rows, prompt_len, sampling) not in compiled_for
-        if first:
-            announce(f"compiling the sampler for {rows} rows x {prompt_len}-token prompts (first use of this shape)")
-            t0 = time.perf_counter()
-        out = sampler.generate(cast_for_compute(params, model_config), [list(map(int, p)) for p in prompt_ids],
-                               rng, sampling)
-        if first:
-            compiled_for.add((rows, prompt_len, sampling))
-            announce(f"compiled the sampler and generated its first batch in {time.perf_counter() - t0:.1f} s")
-        generations = []
-        for row, length in enumerate(out.lengths):
-            ids = out.tokens[row, :length]
-            generations.append(Generation(ids=ids, logprobs=out.logprobs[row, :length],
-                                          entropy=out.entropies[row, :length],
-                                          text=tokenizer.decode(ids, skip_special_tokens=True)))
-        return generations
+    def policy(params, *, temperature: float) -> Policy:
+        return Policy(sampler, cast_for_compute(params, model_config), sampling_params(config, temperature),
+                      tokenizer, announce, compiled_for)
 
-    return generate
+    return policy
 
 
 def pad_id(tokenizer) -> int:

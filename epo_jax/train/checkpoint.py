@@ -286,6 +286,7 @@ RESUMABLE_CHANGES = (
     "workdir", "eval.", "logging.", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
     "mesh.", "distributed.", "model.remat", "model.logprob_chunk_size", "rollout.prompt_buckets",
     "rollout.drift_every", "algo.pack", "algo.pack_tokens",
+    "rollout.engine", "rollout.num_slots", "rollout.chunk_len",  # the same samples: each reply keyed by (episode, turn)
     "env.step_timeout_s", "env.jvm_heap")
 
 

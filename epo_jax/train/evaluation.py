@@ -2,7 +2,6 @@
 episode metrics the training steps report too."""
 from __future__ import annotations
 
-import functools
 import zlib
 from typing import Sequence
 
@@ -54,12 +53,14 @@ def write_panels(config, workdir: str, panels_by_split: dict[str, list[envs.Epis
             config.env.name, config.eval.num_episodes, panels_by_split, **environments.split_options(config)))
 
 
-def evaluate(config, policy_params, generate, tokenizer, rng, pool, layout: processes.ProcessLayout
+def evaluate(config, policy_params, make_policy, tokenizer, rng, pool, layout: processes.ProcessLayout
              ) -> dict[str, float]:
     """Success rate and score on each eval split at the eval temperature, one episode per spec,
-    played in waves of `pool`'s size (a pool of groups of one); each process plays its share."""
+    played in waves of `pool`'s size (a pool of groups of one); each process plays its share.
+    Episode i of a process's share has trajectory id i in every wave layout, so its replies
+    (reply_key of the split's key, i and the turn) do not depend on the pool's size."""
     out: dict[str, float] = {}
-    generate_eval = functools.partial(generate, policy_params, temperature=config.eval.temperature)
+    policy = make_policy(policy_params, temperature=config.eval.temperature)
     rng = layout.key(rng)
     for split in config.env.eval_splits:
         all_specs = eval_specs(config, split)
@@ -68,9 +69,8 @@ def evaluate(config, policy_params, generate, tokenizer, rng, pool, layout: proc
         for wave, chunk in enumerate(panels.waves(specs, pool.num_groups)):
             padded = chunk + [chunk[0]] * (pool.num_groups - len(chunk))  # extras are dropped
             rollout = agent_loop.run_episodes(
-                pool, generate_eval, tokenizer, padded,
-                jax.random.fold_in(jax.random.fold_in(rng, zlib.crc32(split.encode())), wave),
-                config=config)
+                pool, policy, tokenizer, padded, jax.random.fold_in(rng, zlib.crc32(split.encode())),
+                config=config, traj_id_offset=wave * pool.num_groups)
             episodes.extend(rollout.episodes[:len(chunk)])
         episodes = processes.gather_episodes(episodes, -(-len(all_specs) // layout.num_processes),
                                              sorted({s.task for s in all_specs}))

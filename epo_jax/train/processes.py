@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from epo_jax.rollout import agent_loop
 from epo_jax.rollout.samples import Episode
 
 # Padding rows of the update batch are numbered from here (real ids stay far below).
@@ -103,7 +104,8 @@ def gather_episodes(episodes: list[Episode], capacity: int, tasks: list[str]) ->
 def combine_rollout_stats(stats: dict[str, float]) -> dict[str, float]:
     """The processes' rollout statistics as one run's: token and prompt counts add up, turn counts
     and times take the slowest process (the step waits for it), per-group means of the branching
-    statistics average (every process plays the same number of groups), throughput is recomputed."""
+    statistics average (every process plays the same number of groups), throughput and the idle-row
+    fraction are recomputed."""
     if jax.process_count() == 1:
         return stats
     keys = sorted(stats)
@@ -121,6 +123,8 @@ def combine_rollout_stats(stats: dict[str, float]) -> dict[str, float]:
             out[key] = float(values[:, i].max())
     if "rollout/new_tokens" in out and "time/generate_s" in out:
         out["throughput/rollout_tokens_per_s"] = out["rollout/new_tokens"] / max(out["time/generate_s"], 1e-9)
+    if "rollout/decode_row_steps" in out:
+        out["rollout/idle_row_fraction"] = agent_loop.idle_row_fraction(out)
     return out
 
 

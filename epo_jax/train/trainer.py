@@ -194,7 +194,7 @@ class Programs:
     # trainer_logprobs (bool) -> (params, ref_params, batch) -> (arrays, metrics) (make_score_fn)
     score: dict[bool, Any]
     advantages: Any  # (batch, old_values | None) -> {"advantages"[, "returns"]}
-    generate: Any   # (policy params, prompt ids, rng, *, temperature) -> [Generation]
+    policy: Any     # (policy params, *, temperature) -> agent_loop.Policy
 
 
 class LearnerPrograms(NamedTuple):
@@ -241,10 +241,10 @@ def _build_programs(config, model: LoadedModel, policy_graphdef, optimizer, mesh
                       f"(rollout.dtype={config.rollout.dtype})")
         # The trained graph at the sampler's numerics: with LoRA, the same adapters on its base.
         sampler_graphdef, _ = actor_critic.policy_model(config, sampler.graphdef, model.params)
-    generate = agent_loop.make_generate_fn(config, sampler_graphdef, sampler.config, model.tokenizer, local_mesh,
-                                           announce=progress.info)
+    policy = agent_loop.make_policy(config, sampler_graphdef, sampler.config, model.tokenizer, local_mesh,
+                                    announce=progress.info)
     return Programs(update=CompiledPerShape(update, "the update", progress, kernel_mesh), score=score,
-                    advantages=jax.jit(make_advantage_fn(config)), generate=generate)
+                    advantages=jax.jit(make_advantage_fn(config)), policy=policy)
 
 
 @dataclasses.dataclass
@@ -402,7 +402,7 @@ def collect(run: _Run, state: TrainState, step: int, cursor: RunCursor) -> tuple
     specs = [run.train_specs[(cursor.cursor + g) % len(run.train_specs)] for g in layout.groups()]
     rollout_params = sharding.host_local_params(state.params["policy"], run.mesh, run.local_mesh)
     rollout = agent_loop.run_episodes(
-        run.pool, functools.partial(run.programs.generate, rollout_params, temperature=config.rollout.temperature),
+        run.pool, run.programs.policy(rollout_params, temperature=config.rollout.temperature),
         run.model.tokenizer, specs, layout.key(jax.random.fold_in(run.rollout_key, step)), config=config,
         traj_id_offset=layout.traj_id_offset, group_id_offset=layout.group_id_offset,
         on_turn=functools.partial(run.progress.rollout_turn, config.env.max_turns))
@@ -566,7 +566,7 @@ def evaluate_stage(run: _Run, state: TrainState, step: int) -> dict[str, float]:
         run.eval_pool = environments.make_pool(config, size, group_size=1, seed=config.seed + 1)
     t_eval = time.perf_counter()
     eval_params = sharding.host_local_params(state.params["policy"], run.mesh, run.local_mesh)
-    metrics = evaluation.evaluate(config, eval_params, run.programs.generate, run.model.tokenizer,
+    metrics = evaluation.evaluate(config, eval_params, run.programs.policy, run.model.tokenizer,
                                   jax.random.fold_in(run.eval_key, step), run.eval_pool, layout)
     metrics["time/eval_s"] = time.perf_counter() - t_eval
     return metrics

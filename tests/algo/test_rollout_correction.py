@@ -1,7 +1,6 @@
 """Drift metrics, TIS / MIS weights and the corrected objective against numpy re-implementations
 (written from Yao et al. 2025 and verl's rollout_corr_helper rules) and finite differences."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -3,7 +3,6 @@ import os
 import signal
 import time
 
-import numpy as np
 import pytest
 
 import epo_jax.envs as envs
@@ -123,6 +122,29 @@ def test_hung_step_is_truncated_and_the_engine_rebuilt(backend):
             assert not _alive(first[1].info["pid"])
             assert again[1].info["pid"] != first[1].info["pid"]
         assert pool.step({1: "advance"})[1].done
+
+
+def test_step_async_runs_beside_the_caller_and_keeps_the_turn_limit_and_faults():
+    with EnvPool(CountdownEnv, 3, step_timeout_s=1.0, max_turns=2) as pool:
+        pool.reset([("a", 5), ("b", 5), ("c", 5)])
+        start = time.perf_counter()
+        slow = pool.step_async(0, "sleep 0.5")
+        hung = pool.step_async(1, "sleep 30")
+        fast = pool.step_async(2, "advance")
+        assert time.perf_counter() - start < 0.3  # submitted, not waited for
+        with pytest.raises(ValueError, match="environment 2 has a step in progress"):
+            pool.step_async(2, "advance")
+        pool.wait_steps([slow, fast])
+        assert fast.ready() and pool.finish_step(fast).observation == "echo advance"
+        with pytest.raises(ValueError, match="environment 2 has no step in progress"):
+            pool.finish_step(fast)
+        assert pool.finish_step(slow).observation == "echo sleep 0.5"  # waits for it
+        result = pool.finish_step(hung)  # past its deadline: a crash, the engine rebuilt
+        assert result.crashed and result.truncated and "did not answer within 1 s" in result.info["crash_reason"]
+        assert time.perf_counter() - start < 5.0
+        assert pool.active.tolist() == [True, False, True] and pool.restarts.tolist() == [0, 1, 0]
+        last = pool.finish_step(pool.step_async(2, "advance"))
+        assert last.truncated and not last.done and pool.active.tolist() == [True, False, False]  # turn limit 2
 
 
 def test_killed_engine_process_is_truncated_and_restarted():

@@ -6,7 +6,6 @@ import pathlib
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -319,14 +318,14 @@ class ScriptedSampler:
         self.vocab_size = len(tokenizer)
         self.calls = []
 
-    def __call__(self, prompt_ids, rng):
-        seed = np.asarray(jax.random.bits(rng, (2,), jnp.uint32)).tolist()
+    def __call__(self, prompt_ids, keys):
         out = []
         for row, ids in enumerate(prompt_ids):
             prompt = self.tokenizer.decode(ids)
             steps = _STEPS.search(prompt)
             h = 0.1 if steps is None else 0.9
-            action = self.choose(prompt, np.random.default_rng([*seed, row]))
+            seed = np.asarray(jax.random.key_data(keys[row])).tolist()  # the reply's own key
+            action = self.choose(prompt, np.random.default_rng(seed))
             text = f"<think>step {0 if steps is None else steps.group(1)}</think> <action>{action}</action>"
             reply = np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
             out.append(Generation(ids=reply, logprobs=np.full(len(reply), -1.0, np.float32),
@@ -343,6 +342,7 @@ def branching_config(env_name, group_size, num_groups, max_turns, **rollout):
     config.env.num_groups = num_groups
     config.env.max_turns = max_turns
     config.rollout.max_prompt_len = 16384
+    config.rollout.engine = "turns"  # the scripted sampler answers whole turns (a GenerateFn)
     config.rollout.branching = True
     for key, value in rollout.items():
         config.rollout[key] = value

@@ -222,14 +222,16 @@ def run_config(workdir) -> ml_collections.ConfigDict:
 def test_config_changes_sorts_fields_into_resumable_refused_and_unrecorded():
     saved = {"workdir": "a", "seed": 0, "train": {"total_steps": 20}, "eval": {"every_steps": 10},
              "model": {"remat": True, "dtype": "float32"}, "mesh": {"data": -1}, "gone": 1,
-             "checkpoint": {"every_steps": 2, "keep": 3}}
+             "checkpoint": {"every_steps": 2, "keep": 3}, "rollout": {"engine": "turns", "temperature": 1.0}}
     new = {"workdir": "b", "seed": 0, "train": {"total_steps": 40}, "eval": {"every_steps": 5},
            "model": {"remat": False, "dtype": "bfloat16"}, "mesh": {"data": 4}, "added": {"x": 1},
-           "checkpoint": {"every_steps": 2, "keep": 1}}
+           "checkpoint": {"every_steps": 2, "keep": 1}, "rollout": {"engine": "continuous", "temperature": 0.5}}
     resumable, refused, unrecorded = ckpt.config_changes(saved, new)
     assert resumable == {"workdir": ("a", "b"), "eval.every_steps": (10, 5), "model.remat": (True, False),
-                         "mesh.data": (-1, 4), "checkpoint.keep": (3, 1)}
-    assert refused == {"train.total_steps": (20, 40), "model.dtype": ("float32", "bfloat16")}
+                         "mesh.data": (-1, 4), "checkpoint.keep": (3, 1),
+                         "rollout.engine": ("turns", "continuous")}  # both engines draw the same replies
+    assert refused == {"train.total_steps": (20, 40), "model.dtype": ("float32", "bfloat16"),
+                       "rollout.temperature": (1.0, 0.5)}
     assert unrecorded == ["added.x", "gone"]
 
 

@@ -3,7 +3,6 @@
 is numpy's of the two sets of log-probs, and larger than that of a float32 sampler given the same
 prompts and keys, on the tokens both samplers drew."""
 import dataclasses
-import functools
 import pathlib
 import runpy
 
@@ -59,15 +58,16 @@ def test_bfloat16_sampling_drifts_from_the_float32_trainer_more_than_float32_sam
     params = actor_critic.init_params(config, model.params, model.config.hidden_size)
     key = jax.random.key(7)
     bfloat16 = with_compute_dtype(model, "bfloat16")
-    generate = agent_loop.make_generate_fn(config, bfloat16.graphdef, bfloat16.config, model.tokenizer)
+    policy = agent_loop.make_policy(config, bfloat16.graphdef, bfloat16.config, model.tokenizer)
     with environments.make_pool(config, 2, group_size=2, seed=0) as pool:
-        rollout = agent_loop.run_episodes(pool, functools.partial(generate, model.params, temperature=1.0),
+        rollout = agent_loop.run_episodes(pool, policy(model.params, temperature=1.0),
                                           model.tokenizer, environments.train_specs(config)[:1], key, config=config)
     samples = {"bfloat16": rollout.samples}
     assert len(samples["bfloat16"]) == 2
-    # The float32 sampler on the same prompts with the turn's key (run_episodes' fold_in(rng, turn)).
-    generations = agent_loop.make_generate_fn(config, model.graphdef, model.config, model.tokenizer)(
-        model.params, [s.prompt_ids for s in rollout.samples], jax.random.fold_in(key, 0), temperature=1.0)
+    # The float32 sampler on the same prompts with each reply's key (its episode's and turn's).
+    keys = jax.numpy.stack([agent_loop.reply_key(key, s.traj_id, s.turn_index) for s in rollout.samples])
+    generations = agent_loop.make_policy(config, model.graphdef, model.config, model.tokenizer)(
+        model.params, temperature=1.0)([s.prompt_ids for s in rollout.samples], keys)
     samples["float32"] = [dataclasses.replace(s, response_ids=g.ids, response_logprobs=g.logprobs,
                                               response_entropy=g.entropy)
                           for s, g in zip(rollout.samples, generations)]

@@ -51,9 +51,10 @@ def restored_state(workdir, step: int):
     return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
 
 
-def test_scienceworld_run_writes_checkpoints_metrics_and_eval(tmp_path, model_dir):
+@pytest.mark.parametrize("engine", ["turns", "continuous"])
+def test_scienceworld_run_writes_checkpoints_metrics_and_eval(tmp_path, model_dir, engine):
     workdir = tmp_path / "sw"
-    proc = run_main("scienceworld", workdir, model_dir, 2)
+    proc = run_main("scienceworld", workdir, model_dir, 2, f"--config.rollout.engine={engine}")
     assert "step 2/2" in proc.stdout  # the progress line
     records = read_jsonl(str(workdir / "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2]
@@ -67,14 +68,20 @@ def test_scienceworld_run_writes_checkpoints_metrics_and_eval(tmp_path, model_di
     assert records[1]["eval/iid/episodes"] == 2 and "eval/ood/success_rate" in records[1]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
     assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
-    assert json.loads((workdir / "config.json").read_text())["env"]["name"] == "scienceworld"
+    recorded = json.loads((workdir / "config.json").read_text())
+    assert (recorded["env"]["name"], recorded["rollout"]["engine"]) == ("scienceworld", engine)
 
 
 # LoRA: rank-4 adapters on a bfloat16 base, which the checkpoints leave out and the resumed run loads again.
 LORA_ARGS = ("--config.model.lora.rank=4", "--config.model.lora.base_dtype=bfloat16")
 
 
-@pytest.mark.parametrize("extra", [(), LORA_ARGS], ids=["full", "lora"])
+# Full fine-tuning through the continuous engine, whose environments step on their workers while
+# other replies decode; LoRA through the turn engine (the scienceworld run goes through both).
+CONTINUOUS_ARGS = ("--config.rollout.engine=continuous",)
+
+
+@pytest.mark.parametrize("extra", [CONTINUOUS_ARGS, LORA_ARGS], ids=["full-continuous", "lora"])
 def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir, extra):
     """ALFWorld (a deterministic engine), 3 steps: once straight through, once killed with
     SIGKILL after step 2's checkpoint and restarted with the same command."""
