@@ -22,6 +22,7 @@ where it is (it is not damaged, only not this run's).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -121,6 +122,16 @@ def _host_checksums(words: np.ndarray) -> tuple[int, int]:
     return (int(row_sums.sum()) + tail) % _MOD, weighted % _MOD
 
 
+def _host_map(fn, items: Sequence[Any]) -> list[Any]:
+    """[fn(x) for x in items] on a thread per core: numpy's reductions release the GIL, so the
+    leaves' passes over host memory run side by side (a save or restore reads the whole state)."""
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
 def _in_host_memory(x: jax.Array) -> bool:
     """Whether numpy can read the leaf where it lies: XLA:CPU runs integer reductions ~8x slower
     than numpy does (and than it runs float ones), so on CPU the checksums are taken by numpy."""
@@ -144,8 +155,9 @@ def _checksums(leaves: Sequence[jax.Array]) -> list[tuple[int, int]]:
     on_host = [_in_host_memory(x) for x in leaves]
     device = [x for x, host in zip(leaves, on_host) if not host]
     device_sums = iter(_per_device_set(device, _device_checksums_all) if device else [])
-    return [_host_checksums(_host_words(x)) if host else tuple(int(v) for v in next(device_sums))
-            for x, host in zip(leaves, on_host)]
+    host_sums = iter(_host_map(lambda x: _host_checksums(_host_words(x)),
+                               [x for x, host in zip(leaves, on_host) if host]))
+    return [next(host_sums) if host else tuple(int(v) for v in next(device_sums)) for host in on_host]
 
 
 def _non_finite_counts(leaves: Sequence[jax.Array]) -> list[int]:
@@ -156,7 +168,9 @@ def _non_finite_counts(leaves: Sequence[jax.Array]) -> list[int]:
     floats = [i for i, x in enumerate(leaves) if not _is_key(x) and jnp.issubdtype(x.dtype, jnp.inexact)]
     on_host = {i for i in floats if _in_host_memory(leaves[i]) and leaves[i].dtype in (np.float32, np.float64)}
     elsewhere = [i for i in floats if i not in on_host]
-    flagged = [i for i in sorted(on_host) if not np.isfinite(np.asarray(leaves[i]).sum())]
+    host_order = sorted(on_host)
+    host_finite = _host_map(lambda i: bool(np.isfinite(np.asarray(leaves[i]).sum())), host_order)
+    flagged = [i for i, finite in zip(host_order, host_finite) if not finite]
     if elsewhere:
         flags = _per_device_set([leaves[i] for i in elsewhere], _device_any_non_finite_all)
         flagged += [i for i, flag in zip(elsewhere, flags) if flag]
