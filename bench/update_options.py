@@ -1,4 +1,6 @@
-"""Update time of a default-run-sized step, padded rows against packed rows (algo.pack).
+"""Update time of a default-run-sized step under the update's options, each against padded rows
+in the same process: packed rows (algo.pack), packed rows with LoRA adapters (model.lora), and a
+rollout correction (algo.rollout_correction = tis | mis, token level, cap 2).
 
 The update of the README's default run (`configs/scienceworld.py`: PPO + EPO with a value head
 and the KL term, 2 rows per micro-batch, remat, prompt buckets 512 / 768 / 1024, 64-token
@@ -8,11 +10,21 @@ samples end to end in rows of at most `algo.pack_tokens`, `trainer.pack_layout`'
 model has SmolLM2-135M's shape (width 576, 9 / 3 heads, vocabulary 49152) with `--layers` of its
 30 decoder layers, randomly initialised; the turn samples are 2 episodes x 4 turns with prompts of
 `--prompt-min`..`--prompt-max` tokens (the default run's later turns: 500-700) and 20-64 response
-tokens. Each variant's update is compiled first, then the two are timed in interleaved rounds;
-the best round of each is kept and the ratio is against the padded update in the same process.
-The tokens the decoder runs on per pass (rows x row length) do not depend on the machine's load.
+tokens. The variants (`--variants`):
 
-  python bench/packing.py [--layers 4] [--rounds 3] [--pack-tokens 0]
+  padded         build_batch's rows, one sample per row of the step's bucket (the reference);
+  packed         the same samples packed (trainer.pack_layout's layout of the rows in order);
+  packed+lora    packed, the policy with rank `--lora-rank` adapters on all seven projections of a
+                 float32 base (only the adapters and the value head trained);
+  tis, mis       padded, with the score pass's rollout weights and masks in the batch (drawn: the
+                 work does not depend on their values) and algo.old_logprobs=trainer.
+
+Each variant's update is compiled first, then they are timed in interleaved rounds; the best
+round of each is kept and the ratio is against the padded update in the same process. The tokens
+the decoder runs on per pass (rows x row length) do not depend on the machine's load.
+
+  python bench/update_options.py [--layers 4] [--rounds 3] [--pack-tokens 0] [--lora-rank 16]
+                                 [--variants padded packed packed+lora tis mis]
 """
 import argparse
 import os
@@ -21,6 +33,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from epo_jax.models import transformer
@@ -60,7 +73,8 @@ def turn_samples(args) -> list[TurnSample]:
 
 def update_inputs(config, samples: list[TurnSample], packed: bool) -> dict[str, np.ndarray]:
     """The update's batch: build_batch's rows, the score pass's and advantages' fields (random:
-    the work does not depend on them) and, packed, the packing layout of the rows in order."""
+    the work does not depend on them; with a rollout correction its weights and masks too) and,
+    packed, the packing layout of the rows in order."""
     response_len = config.rollout.max_response_len
     rows = batch_lib.update_rows(len(samples), num_minibatches=1, micro_batch_size=config.algo.micro_batch_size)
     batch = batch_lib.build_batch(samples, prompt_buckets=config.rollout.prompt_buckets, response_len=response_len,
@@ -68,6 +82,9 @@ def update_inputs(config, samples: list[TurnSample], packed: bool) -> dict[str, 
     rng = np.random.default_rng(1)
     for key in ("ref_logprobs", "advantages", "returns", "old_values"):
         batch[key] = rng.normal(size=batch["response_mask"].shape).astype(np.float32)
+    if config.algo.rollout_correction != "none":
+        batch["rollout_weight"] = rng.uniform(0.5, 2.0, batch["response_mask"].shape).astype(np.float32)
+        batch["rollout_keep"] = rng.uniform(size=batch["response_mask"].shape) < 0.95
     if packed:
         prompt_lens, seq_lens = batch_lib.sequence_lengths(batch, response_len)
         batch.update(batch_lib.pack_batch(
@@ -85,50 +102,74 @@ def decoder_tokens(batch: dict) -> tuple[int, tuple[int, ...]]:
     return int(np.prod(batch["tokens"].shape)), batch["tokens"].shape
 
 
+VARIANTS = ("padded", "packed", "packed+lora", "tis", "mis")
+
+
+def variant_config(args, name: str):
+    """The default run's config with variant `name`'s options."""
+    config = get_config()
+    config.algo.pack_tokens = args.pack_tokens
+    config.algo.pack = name.startswith("packed")
+    if name == "packed+lora":
+        config.model.lora.rank = args.lora_rank
+    if name in ("tis", "mis"):
+        config.algo.rollout_correction, config.algo.old_logprobs = name, "trainer"
+    return config
+
+
+def variant_update(args, name: str, graphdef, policy, mesh, samples):
+    """(compiled update, its train state, its batch) for variant `name`."""
+    config = variant_config(args, name)
+    # A copy of its own: the update donates the state, and the variants' states must not share buffers.
+    policy_graphdef, policy_params = actor_critic.policy_model(config, graphdef, jax.tree.map(jnp.copy, policy))
+    optimizer = optim.make_optimizer(config.optim, 100)
+    state = init_train_state(config, actor_critic.init_params(config, policy_params, 576), optimizer, mesh)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    update = jax.jit(make_update_fn(config, actor_critic.make_forward_fn(config, policy_graphdef), optimizer),
+                     in_shardings=(state_sharding, None), out_shardings=(state_sharding, None), donate_argnums=(0,))
+    batch = sharding.shard_batch(update_inputs(config, samples, config.algo.pack), mesh)
+    t0 = time.perf_counter()
+    compiled = update.lower(state, batch).compile()
+    print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    return compiled, state, batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pack-tokens", type=int, default=0, help="algo.pack_tokens (0: the longest turn sample)")
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--prompt-min", type=int, default=500)
     parser.add_argument("--prompt-max", type=int, default=700)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = parser.parse_args()
-    config = get_config()
-    config.algo.pack_tokens = args.pack_tokens
+    names = ["padded"] + [n for n in args.variants if n != "padded"]
     graphdef, policy = transformer.init_params(smollm2_shape(args.layers), jax.random.key(0))
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    optimizer = optim.make_optimizer(config.optim, 100)
-    state = init_train_state(config, actor_critic.init_params(config, policy, 576), optimizer, mesh)
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    update = jax.jit(make_update_fn(config, actor_critic.make_forward_fn(config, graphdef), optimizer),
-                     in_shardings=(state_sharding, None), out_shardings=(state_sharding, None), donate_argnums=(0,))
+    mesh = sharding.make_mesh(get_config().mesh, jax.devices()[:1])
     samples = turn_samples(args)
-    batches = {name: sharding.shard_batch(update_inputs(config, samples, name == "packed"), mesh)
-               for name in ("padded", "packed")}
-    compiled = {}
-    for name, batch in batches.items():
-        t0 = time.perf_counter()
-        compiled[name] = update.lower(state, batch).compile()
-        print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    compiled, states, batches = {}, {}, {}
+    for name in names:
+        compiled[name], states[name], batches[name] = variant_update(args, name, graphdef, policy, mesh, samples)
     seconds: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        for name in (list(batches) if r % 2 == 0 else list(batches)[::-1]):
-            # Each call continues from the last one's state (the update donates it).
+        for name in (names if r % 2 == 0 else names[::-1]):
+            # Each call continues from the variant's last state (the update donates it).
             t0 = time.perf_counter()
-            state, _ = compiled[name](state, batches[name])
-            jax.block_until_ready(state)
+            states[name], _ = compiled[name](states[name], batches[name])
+            jax.block_until_ready(states[name])
             seconds.setdefault(name, []).append(time.perf_counter() - t0)
             print(f"round {r + 1}: {name} {seconds[name][-1]:.2f} s", flush=True)
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     print(f"\n{len(samples)} turn samples of {min(lengths)}-{max(lengths)} tokens, {sum(lengths)} in all; "
           f"{args.layers} layers; load average {os.getloadavg()[0]:.1f}")
-    print("| batch  | decoder tokens / pass (shape) | update s (best) | ratio |")
+    print("| update | decoder tokens / pass (shape) | update s (best) | ratio |")
     print("|--------|------------------------------:|----------------:|------:|")
     reference = min(seconds["padded"])
-    for name, batch in batches.items():
-        tokens, shape = decoder_tokens(batch)
+    for name in names:
+        tokens, shape = decoder_tokens(batches[name])
         best = min(seconds[name])
-        print(f"| {name:6} | {tokens} {tuple(shape)} | {best:.2f} | {best / reference:.2f} |")
+        print(f"| {name} | {tokens} {tuple(shape)} | {best:.2f} | {best / reference:.2f} |")
 
 
 if __name__ == "__main__":
