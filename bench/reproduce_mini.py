@@ -441,9 +441,15 @@ def sweep(out: pathlib.Path, methods: Sequence[Method], seeds: Sequence[int], co
 WINDOW = "last:0.25"
 
 
+def _shown_path(path: pathlib.Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def load_groups(out: pathlib.Path, methods: Sequence[Method], seeds: Sequence[int]):
     """(groups labelled and ordered as `methods`, runs left out because they stopped early)."""
-    paths = [str(run_dir(out, m.name, s)) for m in methods for s in seeds
+    # Relative to the checkout where they lie in it, so that the report names no machine's folders.
+    paths = [_shown_path(run_dir(out, m.name, s)) for m in methods for s in seeds
              if (run_dir(out, m.name, s) / "metrics.jsonl").exists()]
     runs, left_out = report.select_complete([report.load_run(p) for p in paths])
     groups = report.group_runs(runs)

@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--envs", type=int, nargs="+", default=[2, 8, 16])
     parser.add_argument("--chunk-len", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--max-turns", type=int, default=0, help="0: the default run's (4)")
+    parser.add_argument("--max-turns", type=int, default=0, help="0: the default run's env.max_turns (8)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     header = (f"rollout engines: jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
