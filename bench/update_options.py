@@ -41,8 +41,8 @@ from epo_jax.models.config import ModelConfig
 from epo_jax.rollout.samples import TurnSample
 from epo_jax.train import actor_critic, optim, sharding
 from epo_jax.train import batch as batch_lib
-from epo_jax.train.trainer import pack_tokens
-from epo_jax.train.update import init_train_state, make_update_fn
+from epo_jax.train.trainer import jit_learner_programs, pack_tokens
+from epo_jax.train.update import init_train_state
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs.scienceworld import get_config  # noqa: E402
@@ -124,9 +124,8 @@ def variant_update(args, name: str, graphdef, policy, mesh, samples):
     policy_graphdef, policy_params = actor_critic.policy_model(config, graphdef, jax.tree.map(jnp.copy, policy))
     optimizer = optim.make_optimizer(config.optim, 100)
     state = init_train_state(config, actor_critic.init_params(config, policy_params, 576), optimizer, mesh)
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    update = jax.jit(make_update_fn(config, actor_critic.make_forward_fn(config, policy_graphdef), optimizer),
-                     in_shardings=(state_sharding, None), out_shardings=(state_sharding, None), donate_argnums=(0,))
+    # The trainer's own jitted update (shardings and donation as a run compiles it).
+    update = jit_learner_programs(config, policy_graphdef, optimizer, jax.tree.map(lambda x: x.sharding, state)).update
     batch = sharding.shard_batch(update_inputs(config, samples, config.algo.pack), mesh)
     t0 = time.perf_counter()
     compiled = update.lower(state, batch).compile()
