@@ -110,26 +110,60 @@ def _host_words(x: jax.Array) -> np.ndarray:
     return a.view(np.uint32 if a.dtype.itemsize == 8 else np.dtype(f"uint{a.dtype.itemsize * 8}"))
 
 
+_row_weights_cache = np.ones(0, np.uint32)
+
+
+def _row_weights(rows: int) -> np.ndarray:
+    """(2r + 1) mod 2^32 for r < rows, from one array that grows to the largest leaf seen."""
+    global _row_weights_cache
+    weights = _row_weights_cache
+    if weights.size < rows:
+        weights = (2 * np.arange(max(rows, 2 * weights.size), dtype=np.uint64) + 1).astype(np.uint32)
+        _row_weights_cache = weights  # one reference swap: threads see the old array or the new one
+    return weights[:rows]
+
+
 def _host_checksums(words: np.ndarray) -> tuple[int, int]:
-    """The checksums by rows of _ROW_WORDS words: sum = sum_r s_r, weighted = sum_r (2r + 1) s_r."""
+    """The checksums by rows of _ROW_WORDS words: sum = sum_r s_r, weighted = sum_r (2r + 1) s_r.
+
+    Everything stays in uint32, whose wrap-around is the arithmetic mod 2^32 the checksums are
+    defined in: one pass over the leaf's memory and a few over its row sums (1/1024 of it).
+    """
     rows = words.size // _ROW_WORDS
-    tail = int(words[rows * _ROW_WORDS:].sum(dtype=np.uint32))
+    tail = words[rows * _ROW_WORDS:].sum(dtype=np.uint32)
     if not rows:
-        return tail, tail
-    row_sums = words[:rows * _ROW_WORDS].reshape(rows, _ROW_WORDS).sum(axis=1, dtype=np.uint32).astype(np.uint64)
-    weights = (2 * np.arange(rows, dtype=np.uint64) + 1) % _MOD
-    weighted = int(((row_sums * weights) % _MOD).sum()) + (2 * rows + 1) * tail
-    return (int(row_sums.sum()) + tail) % _MOD, weighted % _MOD
+        return int(tail), int(tail)
+    row_sums = words[:rows * _ROW_WORDS].reshape(rows, _ROW_WORDS).sum(axis=1, dtype=np.uint32)
+    total = row_sums.sum(dtype=np.uint32) + tail
+    weighted = (row_sums * _row_weights(rows)).sum(dtype=np.uint32) + np.uint32(2 * rows + 1) * tail
+    return int(total), int(weighted)
 
 
-def _host_map(fn, items: Sequence[Any]) -> list[Any]:
-    """[fn(x) for x in items] on a thread per core: numpy's reductions release the GIL, so the
-    leaves' passes over host memory run side by side (a save or restore reads the whole state)."""
+def _host_map(fn, items: Sequence[Any], nbytes: Sequence[int]) -> list[Any]:
+    """[fn(x) for x in items] on a thread per core: numpy's reductions release the GIL, so passes
+    over host memory run side by side (a save or restore reads the whole state). Each thread takes
+    one run of consecutive items holding about the same number of bytes (`nbytes`, per item): a
+    task per item would make the threads queue for the GIL between the state's many small leaves."""
     workers = min(len(items), os.cpu_count() or 1)
     if workers <= 1:
         return [fn(x) for x in items]
+    total, seen, groups = max(sum(nbytes), 1), 0, [[] for _ in range(workers)]
+    for i, size in enumerate(nbytes):
+        groups[min(workers - 1, seen * workers // total)].append(i)
+        seen += size
+    out: list[Any] = [None] * len(items)
+
+    def run(group: list[int]) -> None:
+        for i in group:
+            out[i] = fn(items[i])
+
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
+        list(pool.map(run, groups))
+    return out
+
+
+def _nbytes(x: jax.Array) -> int:
+    return x.size * (8 if _is_key(x) else x.dtype.itemsize)  # a key's size is of its uint32 data
 
 
 def _in_host_memory(x: jax.Array) -> bool:
@@ -155,8 +189,9 @@ def _checksums(leaves: Sequence[jax.Array]) -> list[tuple[int, int]]:
     on_host = [_in_host_memory(x) for x in leaves]
     device = [x for x, host in zip(leaves, on_host) if not host]
     device_sums = iter(_per_device_set(device, _device_checksums_all) if device else [])
-    host_sums = iter(_host_map(lambda x: _host_checksums(_host_words(x)),
-                               [x for x, host in zip(leaves, on_host) if host]))
+    host_leaves = [x for x, host in zip(leaves, on_host) if host]
+    host_sums = iter(_host_map(lambda x: _host_checksums(_host_words(x)), host_leaves,
+                               [_nbytes(x) for x in host_leaves]))
     return [next(host_sums) if host else tuple(int(v) for v in next(device_sums)) for host in on_host]
 
 
@@ -169,7 +204,8 @@ def _non_finite_counts(leaves: Sequence[jax.Array]) -> list[int]:
     on_host = {i for i in floats if _in_host_memory(leaves[i]) and leaves[i].dtype in (np.float32, np.float64)}
     elsewhere = [i for i in floats if i not in on_host]
     host_order = sorted(on_host)
-    host_finite = _host_map(lambda i: bool(np.isfinite(np.asarray(leaves[i]).sum())), host_order)
+    host_finite = _host_map(lambda i: bool(np.isfinite(np.asarray(leaves[i]).sum())), host_order,
+                            [_nbytes(leaves[i]) for i in host_order])
     flagged = [i for i, finite in zip(host_order, host_finite) if not finite]
     if elsewhere:
         flags = _per_device_set([leaves[i] for i in elsewhere], _device_any_non_finite_all)
