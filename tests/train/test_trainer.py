@@ -72,19 +72,19 @@ def test_scienceworld_run_writes_checkpoints_metrics_and_eval(tmp_path, model_di
     assert (recorded["env"]["name"], recorded["rollout"]["engine"]) == ("scienceworld", engine)
 
 
-# LoRA: rank-4 adapters on a bfloat16 base, which the checkpoints leave out and the resumed run loads again.
+# One killed run covers LoRA (rank-4 adapters on a bfloat16 base, which the checkpoints leave out
+# and the resumed run loads again) through the continuous engine (its environments step on their
+# workers while other replies decode). Full fine-tuning's resume is bitwise too:
+# tests/train/test_fault_injection.py resumes a full run from its previous checkpoint and compares
+# the state it writes with the original's fingerprint.
 LORA_ARGS = ("--config.model.lora.rank=4", "--config.model.lora.base_dtype=bfloat16")
-
-
-# Full fine-tuning through the continuous engine, whose environments step on their workers while
-# other replies decode; LoRA through the turn engine (the scienceworld run goes through both).
 CONTINUOUS_ARGS = ("--config.rollout.engine=continuous",)
 
 
-@pytest.mark.parametrize("extra", [CONTINUOUS_ARGS, LORA_ARGS], ids=["full-continuous", "lora"])
-def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir, extra):
+def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir):
     """ALFWorld (a deterministic engine), 3 steps: once straight through, once killed with
     SIGKILL after step 2's checkpoint and restarted with the same command."""
+    extra = (*LORA_ARGS, *CONTINUOUS_ARGS)
     straight = tmp_path / "straight"
     run_main("alfworld", straight, model_dir, 3, *extra)
 
@@ -103,9 +103,9 @@ def test_killed_run_resumes_bitwise_exactly(tmp_path, model_dir, extra):
     a, b = restored_state(straight, 3), restored_state(resumed, 3)
     leaves_a, leaves_b = jax_leaves(a), jax_leaves(b)
     assert len(leaves_a) == len(leaves_b) > 10
-    if extra == LORA_ARGS:  # the checkpoint holds the adapters and their moments, no base weight
-        policy_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(a["params"]["policy"])[0]]
-        assert policy_paths and all("adapter" in p for p in policy_paths)
+    # The checkpoint holds the adapters and their moments, no base weight.
+    policy_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(a["params"]["policy"])[0]]
+    assert policy_paths and all("adapter" in p for p in policy_paths)
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(x, y)  # bitwise: params, optimizer, history, rng
     steps = [r["step"] for r in read_jsonl(str(resumed / "metrics.jsonl"))]
