@@ -50,7 +50,7 @@ from epo_jax import config as config_lib
 from epo_jax import main as run_main  # the run's --config / --verbose flags and their checks
 from epo_jax.algo import LossSettings, loss_state_init
 from epo_jax.errors import UserError
-from epo_jax.models import config as model_config_lib, transformer
+from epo_jax.models import config as model_config_lib, lora, transformer
 from epo_jax.rollout import agent_loop
 from epo_jax.train import actor_critic, batch as batch_lib, optim, sharding, trainer
 from epo_jax.train.batch_advantages import make_advantage_fn
@@ -158,8 +158,8 @@ def model_config_for(config, hf: dict[str, Any], chip: Chip, *, num_layers: int 
     hf = dict(hf, num_hidden_layers=num_layers) if num_layers else hf
     try:
         model_config = model_config_lib.from_hf_config(
-            hf, dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-            attention="xla", platform=chip.platform)
+            hf, dtype=config.model.dtype, param_dtype=actor_critic.base_param_dtype(config),
+            remat=config.model.remat, attention="xla", platform=chip.platform)
     except ValueError as error:
         raise UserError(f"--config.model.path: {error}") from error
     return model_config.replace(attention_query_chunk=query_chunk) if query_chunk else model_config
@@ -208,35 +208,54 @@ class AbstractRun:
     """What the trainer would hold on the mesh, as sharded jax.ShapeDtypeStructs."""
 
     mesh: Any
-    graphdef: Any
+    graphdef: Any             # the trained model's (with LoRA: the base with adapters)
+    reference_graphdef: Any   # the KL reference's (with LoRA: the base's; None: the trained model's)
     model_config: Any
     optimizer: Any
-    state: Any         # TrainState
-    ref_params: Any    # the frozen KL reference (None without the KL loss)
+    state: Any                # TrainState
+    ref_params: Any           # a frozen copy of the policy for the KL loss (None without it, or with LoRA)
+    uses_kl: bool             # algo.use_kl_loss: the score pass runs the reference
 
     @property
     def resident_bytes(self) -> int:
-        """Per device: the train state and the KL reference, held for the whole run."""
+        """Per device: the train state and the KL reference's copy, held for the whole run."""
         return device_bytes(self.state) + (device_bytes(self.ref_params) if self.ref_params is not None else 0)
+
+    @property
+    def reference_args(self) -> Any:
+        """The score pass's reference argument: the copy, or under LoRA the base weights of the
+        state's policy itself (the trainer's `_reference_params`: the same buffers, no new bytes)."""
+        if not self.uses_kl:
+            return None
+        return self.ref_params if self.ref_params is not None else actor_critic.reference_params(self.state.params)
 
 
 def abstract_run(config, model_config, devices) -> AbstractRun:
     """The train state of `update.init_train_state` (params placed by `sharding.param_shardings`,
-    optimizer moments following their params, small leaves replicated) and the KL reference,
-    without allocating them."""
+    optimizer moments following their trained params, small leaves replicated) and the KL
+    reference, without allocating them. With LoRA (model.lora.rank > 0) the policy is the base (in
+    model.lora.base_dtype, `model_config`'s param dtype) with adapters, the optimizer holds moments
+    of the adapters and heads only, and the KL reference is the base itself: no copy."""
     mesh = _make_mesh(config, devices)
     graphdef, policy = transformer.abstract_params(model_config)
+    reference_graphdef = None
+    spec = lora.LoraSpec.from_config(config)
+    if spec is not None:
+        reference_graphdef = graphdef
+        graphdef, policy = lora.abstract_with_adapters(model_config, spec)
     params = jax.eval_shape(lambda p: actor_critic.init_params(config, p, model_config.hidden_size), policy)
     params = _shaped(params, sharding.param_shardings(params, mesh))
     optimizer = optim.make_run_optimizer(config)
     replicated = sharding.replicated(mesh)
-    abstract_opt_state = jax.eval_shape(optimizer.init, params)
-    opt_state = _shaped(abstract_opt_state, sharding.opt_state_shardings(abstract_opt_state, params, mesh))
+    trainable = actor_critic.split_trainable(params)[0]
+    abstract_opt_state = jax.eval_shape(optimizer.init, trainable)
+    opt_state = _shaped(abstract_opt_state, sharding.opt_state_shardings(abstract_opt_state, trainable, mesh))
     small = jax.eval_shape(lambda: (loss_state_init(LossSettings.from_config(config)), jax.random.key(config.seed)))
     loss_state, rng = _shaped(small, jax.tree.map(lambda _: replicated, small))
     state = TrainState(params=params, opt_state=opt_state, loss_state=loss_state, rng=rng)
-    ref_params = params["policy"] if config.algo.use_kl_loss else None
-    return AbstractRun(mesh, graphdef, model_config, optimizer, state, ref_params)
+    uses_kl = bool(config.algo.use_kl_loss)
+    ref_params = params["policy"] if uses_kl and spec is None else None
+    return AbstractRun(mesh, graphdef, reference_graphdef, model_config, optimizer, state, ref_params, uses_kl)
 
 
 def _make_mesh(config, devices):
@@ -305,7 +324,7 @@ def _abstract_update_batch(config, run: AbstractRun, programs, rows: int, prompt
                 for k, v in tree.items()}
 
     batch = placed(host)
-    scored, _ = jax.eval_shape(_score_program(config, programs), run.state.params, run.ref_params, batch)
+    scored, _ = jax.eval_shape(_score_program(config, programs), run.state.params, run.reference_args, batch)
     full = dict(batch, **placed(scored))
     full.update(placed(jax.eval_shape(make_advantage_fn(config), full, full.get("old_values"))))
     return batch, full
@@ -319,10 +338,11 @@ def _score_program(config, programs):
 def learner_costs(config, run: AbstractRun, rows: int, prompt_len: int) -> list[ProgramCost]:
     """The update and the score pass at `rows` x (prompt_len + response), compiled."""
     state_sharding = jax.tree.map(lambda x: x.sharding, run.state)
-    programs = trainer.jit_learner_programs(config, run.graphdef, run.optimizer, state_sharding)
+    programs = trainer.jit_learner_programs(config, run.graphdef, run.optimizer, state_sharding,
+                                            run.reference_graphdef)
     batch, full = _abstract_update_batch(config, run, programs, rows, prompt_len)
     score_program = _score_program(config, programs)
-    score, _ = _compile("score pass", score_program.lower(run.state.params, run.ref_params, batch),
+    score, _ = _compile("score pass", score_program.lower(run.state.params, run.reference_args, batch),
                         device_bytes(batch))
     update, _ = _compile("update", programs.update.lower(run.state, full), device_bytes(full))
     return [update, score]
@@ -619,6 +639,9 @@ def plan(config, *, chip: Chip, num_devices: int, prompt_len: int = 0, turns: in
         micro_batch_size=int(config.algo.micro_batch_size), workload=dataclasses.asdict(workload),
         attention_on_chip=attention, compute_dtype=run.model_config.dtype, depth=depth or "full",
         parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(run.state.params["policy"])),
+        trained_parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(
+            actor_critic.split_trainable(run.state.params)[0])),
+        lora_rank=int(config.model.lora.rank),
         resident_gib=resident / GiB, peak_gib=peak / GiB, fits=peak <= chip.usable_bytes,
         programs={c.name: dict(argument_gib=c.argument / GiB, output_gib=c.output / GiB, alias_gib=c.alias / GiB,
                                temp_gib=c.temp / GiB, live_peak_gib=c.live_peak(resident) / GiB,
@@ -651,6 +674,9 @@ def _print_plan(result: dict[str, Any], run: AbstractRun, report: Callable[[str]
            f"({result['micro_batch_size'] // (mesh[0] * mesh[1])} per batch shard); update {w['update_rows']} rows "
            f"({w['samples']} turn samples) x ({w['prompt_len']} + {w['response_len']}) tokens; rollout "
            f"{w['environments']} rows x {w['turns']} turns")
+    if result["lora_rank"]:
+        report(f"LoRA rank {result['lora_rank']}: {result['trained_parameters']:,} trained parameters (adapters and "
+               f"heads, with AdamW moments); the base frozen in {run.model_config.param_dtype} is the KL reference")
     report(f"numerics: compute {result['compute_dtype']}, params {run.model_config.param_dtype}, remat "
            f"{'on' if run.model_config.remat else 'off'}; attention on the chip: {result['attention_on_chip']} "
            "(compiled here: xla, whose score blocks bound a fused kernel's)")

@@ -196,3 +196,41 @@ def test_bad_input_is_one_line_naming_the_flag(config, tmp_path):
                           "--chip=h900"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: --chip='h900' is not one of h100-80gb")
+
+
+def test_lora_state_is_the_trainers_and_holds_no_reference_copy(config):
+    """With LoRA the planner's abstract state is the trainer's (base in bfloat16 with adapters, moments
+    for the trained leaves only), the KL reference is the base itself, and the per-device bytes are
+    those written out from the shapes: base at 2 bytes, adapters and heads at 4 bytes and their two
+    moments, no reference copy."""
+    lora_config = config.copy_and_resolve_references()
+    lora_config.model.lora.rank, lora_config.model.lora.base_dtype = 4, "bfloat16"
+    lora_config.mesh.data, lora_config.mesh.fsdp, lora_config.mesh.tensor = 1, 1, 1
+    lora_config.algo.micro_batch_size = 1
+    model_config = plan_lib.model_config_for(lora_config, TINY_QWEN2, plan_lib.CHIPS["h100-80gb"])
+    assert model_config.param_dtype == "bfloat16"
+    run = plan_lib.abstract_run(lora_config, model_config, jax.devices()[:1])
+    graphdef, base = transformer.init_params(model_config, jax.random.key(0))
+    _, policy = actor_critic.policy_model(lora_config, graphdef, base)
+    state = init_train_state(lora_config, actor_critic.init_params(lora_config, policy, model_config.hidden_size),
+                             run.optimizer, run.mesh)
+    for abstract, real in zip(jax.tree.leaves(run.state), jax.tree.leaves(state), strict=True):
+        assert (abstract.shape, abstract.dtype) == (real.shape, real.dtype)
+    assert run.ref_params is None and run.reference_graphdef is not None
+    reference = run.reference_args
+    assert [x.shape for x in jax.tree.leaves(reference)] == [x.shape for x in jax.tree.leaves(base)]
+    # Bytes from the architecture: every projection of every layer gets A [in, r] and B [r, out].
+    d, f, layers, r = TINY_QWEN2["hidden_size"], TINY_QWEN2["intermediate_size"], TINY_QWEN2["num_hidden_layers"], 4
+    h = d // TINY_QWEN2["num_attention_heads"]
+    q, kv = TINY_QWEN2["num_attention_heads"] * h, TINY_QWEN2["num_key_value_heads"] * h
+    projections = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    adapters = layers * sum(r * (i + o) for i, o in projections)
+    base_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    assert count(state.params["policy"]) == base_count + adapters
+    trained = count(state.params) - base_count  # the adapters, and the value head and critic where there are
+    assert count(actor_critic.split_trainable(state.params)[0]) == trained
+    counters = plan_lib.device_bytes(run.state.opt_state) - 2 * 4 * trained  # optax's step counts
+    assert 0 <= counters <= 64
+    small = plan_lib.device_bytes((run.state.loss_state, run.state.rng))
+    assert run.resident_bytes == 2 * base_count + 4 * trained + 2 * 4 * trained + counters + small
