@@ -126,17 +126,18 @@ def _row_weights(rows: int) -> np.ndarray:
 def _host_checksums(words: np.ndarray) -> tuple[int, int]:
     """The checksums by rows of _ROW_WORDS words: sum = sum_r s_r, weighted = sum_r (2r + 1) s_r.
 
-    Everything stays in uint32, whose wrap-around is the arithmetic mod 2^32 the checksums are
-    defined in: one pass over the leaf's memory and a few over its row sums (1/1024 of it).
+    The array reductions stay in uint32, whose wrap-around is the arithmetic mod 2^32 the
+    checksums are defined in: one pass over the leaf's memory and a few over its row sums (1/1024
+    of it); the few scalars are combined as Python integers (numpy warns when a scalar wraps).
     """
     rows = words.size // _ROW_WORDS
-    tail = words[rows * _ROW_WORDS:].sum(dtype=np.uint32)
+    tail = int(words[rows * _ROW_WORDS:].sum(dtype=np.uint32))
     if not rows:
-        return int(tail), int(tail)
+        return tail, tail
     row_sums = words[:rows * _ROW_WORDS].reshape(rows, _ROW_WORDS).sum(axis=1, dtype=np.uint32)
-    total = row_sums.sum(dtype=np.uint32) + tail
-    weighted = (row_sums * _row_weights(rows)).sum(dtype=np.uint32) + np.uint32(2 * rows + 1) * tail
-    return int(total), int(weighted)
+    total = int(row_sums.sum(dtype=np.uint32)) + tail
+    weighted = int((row_sums * _row_weights(rows)).sum(dtype=np.uint32)) + (2 * rows + 1) * tail
+    return total % _MOD, weighted % _MOD
 
 
 def _host_map(fn, items: Sequence[Any], nbytes: Sequence[int]) -> list[Any]:
