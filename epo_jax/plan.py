@@ -214,7 +214,7 @@ class AbstractRun:
     optimizer: Any
     state: Any                # TrainState
     ref_params: Any           # a frozen copy of the policy for the KL loss (None without it, or with LoRA)
-    uses_kl: bool             # algo.use_kl_loss: the score pass runs the reference
+    config: Any
 
     @property
     def resident_bytes(self) -> int:
@@ -224,10 +224,8 @@ class AbstractRun:
     @property
     def reference_args(self) -> Any:
         """The score pass's reference argument: the copy, or under LoRA the base weights of the
-        state's policy itself (the trainer's `_reference_params`: the same buffers, no new bytes)."""
-        if not self.uses_kl:
-            return None
-        return self.ref_params if self.ref_params is not None else actor_critic.reference_params(self.state.params)
+        state's policy itself (the same buffers, no new bytes), as the trainer passes it."""
+        return actor_critic.kl_reference(self.config, self.state.params, self.ref_params)
 
 
 def abstract_run(config, model_config, devices) -> AbstractRun:
@@ -253,9 +251,8 @@ def abstract_run(config, model_config, devices) -> AbstractRun:
     small = jax.eval_shape(lambda: (loss_state_init(LossSettings.from_config(config)), jax.random.key(config.seed)))
     loss_state, rng = _shaped(small, jax.tree.map(lambda _: replicated, small))
     state = TrainState(params=params, opt_state=opt_state, loss_state=loss_state, rng=rng)
-    uses_kl = bool(config.algo.use_kl_loss)
-    ref_params = params["policy"] if uses_kl and spec is None else None
-    return AbstractRun(mesh, graphdef, reference_graphdef, model_config, optimizer, state, ref_params, uses_kl)
+    ref_params = params["policy"] if config.algo.use_kl_loss and spec is None else None
+    return AbstractRun(mesh, graphdef, reference_graphdef, model_config, optimizer, state, ref_params, config)
 
 
 def _make_mesh(config, devices):

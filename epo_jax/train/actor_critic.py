@@ -90,6 +90,14 @@ def reference_params(params: dict[str, Any]) -> nnx.State | None:
     return split_trainable(params)[1]
 
 
+def kl_reference(config, params: dict[str, Any], reference_copy: nnx.State | None) -> nnx.State | None:
+    """The score pass's KL reference: None without the KL loss; else the frozen copy of the initial
+    policy, or under LoRA (no copy) the base weights of `params` themselves, the adapters off."""
+    if not config.algo.use_kl_loss:
+        return None
+    return reference_copy if reference_copy is not None else reference_params(params)
+
+
 def _critic_backbone(params: Mapping[str, Any]) -> nnx.State:
     backbone = params["critic"]["backbone"]
     if lora.has_adapters(params["policy"]):  # the critic's adapters on the policy's base

@@ -365,9 +365,7 @@ def _announce_adapters(config, params, progress: Progress) -> None:
 def _reference_params(run: _Run, state: TrainState) -> Any:
     """The KL reference's params: the frozen copy, or under LoRA the base weights of the policy
     itself (the adapters off), taken from the current state (the update donates its buffers)."""
-    if not run.config.algo.use_kl_loss:
-        return None
-    return run.ref_params if run.ref_params is not None else actor_critic.reference_params(state.params)
+    return actor_critic.kl_reference(run.config, state.params, run.ref_params)
 
 
 def _restore(run: _Run, state: TrainState) -> tuple[TrainState, RunCursor]:
