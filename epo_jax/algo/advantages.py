@@ -78,9 +78,16 @@ def _normalize_in_groups(
     num_rows = scores_N.shape[0]
     weight_N = member_N.astype(jnp.float32)
     count_G = jax.ops.segment_sum(weight_N, segment_N, num_segments=num_rows)
-    member_mean_G = safe_divide(jax.ops.segment_sum(weight_N * scores_N, segment_N, num_segments=num_rows), count_G)
+    # The mean is taken of the scores less a pivot, the score of the group's first member (whose row
+    # is the segment id): a float32 mean of equal scores need not equal them (3 x 0.195 / 3), and
+    # (s - mean) / (std + eps) would blow that rounding up to about 0.01; shifted, equal scores give 0.
+    pivot_G = scores_N
+    shifted_N = jnp.where(member_N, scores_N - pivot_G[segment_N], 0.0)
+    member_mean_G = pivot_G + safe_divide(jax.ops.segment_sum(shifted_N, segment_N, num_segments=num_rows), count_G)
     squared_deviation_N = jnp.square(scores_N - member_mean_G[segment_N])
-    sum_squared_deviation_G = jax.ops.segment_sum(weight_N * squared_deviation_N, segment_N, num_segments=num_rows)
+    sum_squared_deviation_G = jax.ops.segment_sum(
+        jnp.where(member_N, squared_deviation_N, 0.0), segment_N, num_segments=num_rows
+    )
     several_G = count_G > 1
     mean_G = member_mean_G if center_singletons else jnp.where(several_G, member_mean_G, 0.0)
     std_G = jnp.where(several_G, jnp.sqrt(safe_divide(sum_squared_deviation_G, count_G - 1)), 1.0)
@@ -236,21 +243,35 @@ def step_discounted_returns(
 ) -> jax.Array:
     """Discounted return of each turn within its trajectory (GiGPO, arXiv 2505.10978 Sec. 4.2).
 
-      G_i = sum_{j in traj(i), turn_j >= turn_i} gamma^(turn_j - turn_i) r_j
-    i.e. G_t = r_t + gamma G_{t+1} along the trajectory's turns, whatever the row order.
+      G_i = r_i + gamma^(turn_next(i) - turn_i) G_next(i)    (G_i = r_i for a trajectory's last turn)
+    where next(i) is the trajectory's next valid turn, whatever the row order: the recursion of
+    verl-agent's compute_step_discounted_returns. It runs as that recursion, one step per turn of
+    the longest trajectory, rather than as one matmul of discount powers: a matmul sums each row's
+    terms in an order set by the rows' positions, so two trajectories with the same rewards could
+    get returns one rounding apart, which a step group's (G - mean) / (std + eps) blows up to
+    about 0.01 instead of 0.
     """
     chex.assert_rank([rewards_N, traj_id_N, turn_index_N], [1, 1, 1])
     chex.assert_equal_shape([rewards_N, traj_id_N, turn_index_N])
     num_rows = rewards_N.shape[0]
     valid_N = _valid_or_all(valid_N, num_rows)
+    rewards_N = jnp.where(valid_N, jnp.asarray(rewards_N, jnp.float32), 0.0)
     traj_id_N = jnp.asarray(traj_id_N)
     turn_index_N = jnp.asarray(turn_index_N, jnp.int32)
     turn_gap_NxN = turn_index_N[None, :] - turn_index_N[:, None]
-    later_in_traj_NxN = (traj_id_N[:, None] == traj_id_N[None, :]) & (turn_gap_NxN >= 0) & valid_N[None, :]
-    discount_NxN = jnp.where(
-        later_in_traj_NxN, jnp.power(jnp.float32(gamma), jnp.where(later_in_traj_NxN, turn_gap_NxN, 0)), 0.0
+    same_traj_NxN = (traj_id_N[:, None] == traj_id_N[None, :]) & valid_N[None, :]
+    later_in_traj_NxN = same_traj_NxN & (turn_gap_NxN > 0)
+    next_row_N = jnp.argmin(jnp.where(later_in_traj_NxN, turn_gap_NxN, jnp.iinfo(jnp.int32).max), axis=1)
+    next_gap_N = jnp.take_along_axis(turn_gap_NxN, next_row_N[:, None], axis=1)[:, 0]
+    next_discount_N = jnp.where(
+        jnp.any(later_in_traj_NxN, axis=1), jnp.power(jnp.float32(gamma), jnp.maximum(next_gap_N, 0)), 0.0
     )
-    returns_N = discount_NxN @ jnp.asarray(rewards_N, jnp.float32)
+    longest_traj = jnp.max(jnp.sum(same_traj_NxN & valid_N[:, None], axis=1))
+
+    def one_turn_back(_, returns_N):
+        return rewards_N + next_discount_N * returns_N[next_row_N]
+
+    returns_N = jax.lax.fori_loop(0, longest_traj, one_turn_back, jnp.zeros(num_rows, jnp.float32))
     return jnp.where(valid_N, returns_N, 0.0)
 
 

@@ -291,6 +291,28 @@ def test_gigpo_own_turn_rewards_are_added_after_discounting():
     np.testing.assert_allclose(got, episode + step, rtol=1e-5)
 
 
+def test_gigpo_step_groups_of_equal_returns_get_exactly_zero():
+    """Turn samples whose discounted returns are equal in exact arithmetic form a step group with
+    A_step = 0 exactly, wherever their rows sit: returns follow the recursion G = r + gamma G_next
+    (one rounding path per reward sequence) and the group mean of equal returns is that return.
+    Trajectories 0..3 share turn 0's anchor and the rewards -0.1, -0.1 (3 and 4 add a 0-reward
+    turn); the rows are spread over 36 so that a position-dependent sum would split them."""
+    num_rows = 36
+    traj_N, turn_N = np.full(num_rows, 99), np.zeros(num_rows, np.int32)
+    rewards_N, valid_N = np.zeros(num_rows, np.float32), np.zeros(num_rows, bool)
+    layout = {0: [2, 7], 1: [9, 13], 2: [4, 28, 22], 3: [30, 11, 35]}  # traj -> its rows, turn by turn
+    for traj, rows in layout.items():
+        for turn, row in enumerate(rows):
+            traj_N[row], turn_N[row], valid_N[row] = traj, turn, True
+            rewards_N[row] = -0.1 if turn < 2 else 0.0
+    anchor_N = np.where(turn_N == 0, 0, 1 + turn_N * 10 + traj_N)  # only turn 0 shares an anchor
+    got = jit_gigpo(np.zeros(num_rows, np.float32), rewards_N, np.zeros(num_rows, np.int32), traj_N, turn_N,
+                    anchor_N, omega=1.0, gamma=0.95, normalize_by_std=True, valid_N=valid_N)
+    returns = np.asarray(jit_step_returns(rewards_N, traj_N, turn_N, gamma=0.95, valid_N=valid_N))
+    first_turns = [rows[0] for rows in layout.values()]
+    assert len(set(returns[first_turns].tolist())) == 1, returns[first_turns]
+    np.testing.assert_array_equal(np.asarray(got), np.zeros(num_rows))
+
 @settings(max_examples=30, deadline=None)
 @given(batch=turn_batches(), normalize_by_std=st.booleans(), omega=st.sampled_from([1.0, 0.5]),
        group_count=st.sampled_from(["trajectory", "turn"]))
