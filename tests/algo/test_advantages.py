@@ -295,8 +295,8 @@ def test_gigpo_step_groups_of_equal_returns_get_exactly_zero():
     """Turn samples whose discounted returns are equal in exact arithmetic form a step group with
     A_step = 0 exactly, wherever their rows sit: returns follow the recursion G = r + gamma G_next
     (one rounding path per reward sequence) and the group mean of equal returns is that return.
-    Trajectories 0..3 share turn 0's anchor and the rewards -0.1, -0.1 (3 and 4 add a 0-reward
-    turn); the rows are spread over 36 so that a position-dependent sum would split them."""
+    Trajectories 0..3 share turn 0's anchor and the rewards -0.1, -0.1 (2 and 3 add a turn of reward
+    0); their rows are spread over 36 so that a position-dependent sum would split them."""
     num_rows = 36
     traj_N, turn_N = np.full(num_rows, 99), np.zeros(num_rows, np.int32)
     rewards_N, valid_N = np.zeros(num_rows, np.float32), np.zeros(num_rows, bool)
@@ -312,6 +312,7 @@ def test_gigpo_step_groups_of_equal_returns_get_exactly_zero():
     first_turns = [rows[0] for rows in layout.values()]
     assert len(set(returns[first_turns].tolist())) == 1, returns[first_turns]
     np.testing.assert_array_equal(np.asarray(got), np.zeros(num_rows))
+
 
 @settings(max_examples=30, deadline=None)
 @given(batch=turn_batches(), normalize_by_std=st.booleans(), omega=st.sampled_from([1.0, 0.5]),
