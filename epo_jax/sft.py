@@ -13,7 +13,9 @@ each announced on the progress output with its time:
       played through the real engine, each turn rendered by the rollout's own prompt renderer
       (epo_jax.rollout.demonstrations), until `sft.episodes` episodes won within env.max_turns are
       kept. They are taken from the end of the run's shuffled train order (the RL cursor walks it
-      from the start), never from the IID or OOD splits, and saved in the stage's folder.
+      from the start), never from the IID or OOD splits, and saved in the stage's folder. The
+      expert's engine is deterministic (`expert_env_options`), so the same settings record the
+      same turns on any machine.
   learn: `sft.epochs` passes over the turns in batches of `sft.batch_size` turns, each batch from
       one prompt bucket (little padding, one compile per bucket). The loss is the cross-entropy of
       the reply tokens alone, averaged over the batch's reply tokens, scored by the RL trainer's
@@ -142,16 +144,28 @@ def _write_atomically(path: Path, text: str) -> None:
 
 # --- demonstrate -------------------------------------------------------------------------------
 
+def expert_env_options(config) -> dict[str, Any]:
+    """The options of the engine the expert plays on: the run's (`env_options`), with ALFWorld's
+    planner on, and ScienceWorld's constant JVM identity hashes. Its gold path picks the object of
+    some tasks by shuffling a room's contents in identity-hash order, which depends on everything
+    that JVM did before; without them two recordings of one spec can differ (find-non-living-thing
+    variation 95 focused on the soap or the painting), and so would a cold start named after its
+    settings. Recording pays the ~15-20% per step once."""
+    options = environments.env_options(config)
+    if config.env.name == "alfworld":
+        options["expert_plan"] = True
+    elif config.env.name == "scienceworld":
+        options["deterministic"] = True
+    return options
+
+
 def _record(config, tokenizer, directory: Path, progress: Progress) -> dict[str, Any]:
     """Plays the expert episodes, or finds them in the folder; returns their description."""
     path, meta_path = directory / DEMONSTRATIONS_FILE, directory / "demonstrations.json"
     if path.exists() and meta_path.exists():
         return json.loads(meta_path.read_text())
     t0 = time.perf_counter()
-    options = environments.env_options(config)
-    if config.env.name == "alfworld":
-        options["expert_plan"] = True
-    env = envs.make(config.env.name, **options)
+    env = envs.make(config.env.name, **expert_env_options(config))
     counts = {"played": 0, "kept": 0}
 
     def on_episode(episode: demos_lib.ExpertEpisode) -> None:

@@ -19,9 +19,10 @@ import pytest
 import optax
 import safetensors.numpy
 
-from epo_jax import sft
+from epo_jax import envs, sft
 from epo_jax.models import transformer
 from epo_jax.models.loading import load_pretrained
+from epo_jax.rollout import demonstrations as demos_lib
 from epo_jax.rollout.demonstrations import Demonstration
 from epo_jax.train import optim, sharding
 from epo_jax.train.metrics import read_jsonl
@@ -203,6 +204,31 @@ def test_a_complete_cold_start_is_reused_and_an_explicit_init_from_wins(tmp_path
         in capsys.readouterr().out
     config.model.init_from = str(tmp_path)  # given explicitly: the cold start is not looked at
     assert sft.with_cold_start(config).model.init_from == str(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_expert_records_the_same_turns_whatever_its_engine_played_before(model):
+    """ScienceWorld's gold path for find-non-living-thing focuses on the first solid thing of the
+    room's contents shuffled in JVM identity-hash order, which depends on all the JVM did before. On
+    the run's own engine options a fresh engine focused on the soap in variation 95 and one that had
+    played two other variations on a cup; the expert's engine must record the same turns on both."""
+    config = tiny_config()
+    config.env.max_turns, config.rollout.max_response_len = 8, 32
+    spec = envs.EpisodeSpec("find-non-living-thing", 95)
+    recordings = []
+    for played_before in ((), (90, 91)):
+        with envs.make("scienceworld", **sft.expert_env_options(config)) as env:
+            for variation in played_before:
+                env.reset(spec.task, variation)
+                env.step("look around")
+            recordings.append(demos_lib.record(env, [spec], model.tokenizer, config, max_episodes=1))
+    fresh, after_others = recordings
+    assert fresh.episodes[0].won and not fresh.episodes[0].skipped
+    assert fresh.episodes[0].actions == after_others.episodes[0].actions
+    assert len(fresh.demonstrations) == len(after_others.demonstrations) == len(fresh.episodes[0].actions)
+    for a, b in zip(fresh.demonstrations, after_others.demonstrations):
+        np.testing.assert_array_equal(a.prompt_ids, b.prompt_ids)
+        np.testing.assert_array_equal(a.target_ids, b.target_ids)
 
 
 # --- End to end: python -m epo_jax.sft / epo_jax.main on the real ScienceWorld ------------------

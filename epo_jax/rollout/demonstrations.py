@@ -40,7 +40,8 @@ from epo_jax.rollout.actions import parse_action
 from epo_jax.rollout.agent_loop import prompt_token_ids
 
 # Bumped whenever the reply format or the recording rules change (the cold start's cache key).
-FORMAT_VERSION = 1
+# 2: ScienceWorld's expert plays on constant JVM identity hashes (`sft.expert_env_options`).
+FORMAT_VERSION = 2
 
 
 def target_reply(action: str) -> str:
