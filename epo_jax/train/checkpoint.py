@@ -8,8 +8,8 @@ complete, so a kill mid-save leaves the previous checkpoint as the latest.
 What a finished save can still suffer (a disk or copy that flips bytes, a truncated file, a lost
 `_METADATA`) orbax does not verify: a flipped byte can load as a wrong number, and a damaged
 file ends in a cascade of tracebacks. So every save records a fingerprint of the state in `meta`
-(per leaf: its shape, dtype and two 32-bit checksums of its bits, taken where the state lies),
-and every restore recomputes it. A checkpoint that cannot be read or does not match its
+(per leaf: its shape, dtype and two 32-bit checksums of its bits, taken where the state lies,
+while orbax writes), and every restore recomputes it. A checkpoint that cannot be read or does not match its
 fingerprint is moved to `<workdir>/rejected_checkpoints/` (nothing is deleted) with a one-line
 warning, and the next older one is tried. A state with a NaN or inf anywhere is never written.
 
@@ -22,13 +22,15 @@ where it is (it is not damaged, only not this run's).
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
 import sys
 import traceback
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -140,12 +142,13 @@ def _host_checksums(words: np.ndarray) -> tuple[int, int]:
     return total % _MOD, weighted % _MOD
 
 
-def _host_map(fn, items: Sequence[Any], nbytes: Sequence[int]) -> list[Any]:
-    """[fn(x) for x in items] on a thread per core: numpy's reductions release the GIL, so passes
-    over host memory run side by side (a save or restore reads the whole state). Each thread takes
-    one run of consecutive items holding about the same number of bytes (`nbytes`, per item): a
-    task per item would make the threads queue for the GIL between the state's many small leaves."""
-    workers = min(len(items), os.cpu_count() or 1)
+def _host_map(fn, items: Sequence[Any], nbytes: Sequence[int], workers: int | None = None) -> list[Any]:
+    """[fn(x) for x in items] on `workers` threads (default: one per core): numpy's reductions
+    release the GIL, so passes over host memory run side by side (a restore reads the whole state).
+    Each thread takes one run of consecutive items holding about the same number of bytes (`nbytes`,
+    per item): a task per item would make the threads queue for the GIL between the state's many
+    small leaves."""
+    workers = min(len(items), workers or os.cpu_count() or 1)
     if workers <= 1:
         return [fn(x) for x in items]
     total, seen, groups = max(sum(nbytes), 1), 0, [[] for _ in range(workers)]
@@ -173,27 +176,54 @@ def _in_host_memory(x: jax.Array) -> bool:
     return x.is_fully_addressable and all(d.platform == "cpu" for d in x.sharding.device_set)
 
 
-def _per_device_set(leaves: Sequence[jax.Array], fn) -> list[np.ndarray]:
-    """`fn(leaves)` (a jitted function of a list), called once per set of devices the leaves use
-    (one call takes the arrays of one device set only); results on the host, in leaf order."""
+def _dispatch_per_device_set(leaves: Sequence[jax.Array], fn) -> list[jax.Array]:
+    """`fn(leaves)` (a jitted function of a list), dispatched once per set of devices the leaves use
+    (one call takes the arrays of one device set only); its results in leaf order, not yet awaited."""
     groups: dict[frozenset, list[int]] = {}
     for i, leaf in enumerate(leaves):
         groups.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
     out: list[Any] = [None] * len(leaves)
     for indices in groups.values():
         for i, value in zip(indices, fn([leaves[i] for i in indices])):
-            out[i] = np.asarray(value if value.is_fully_addressable else value.addressable_data(0))
+            out[i] = value
     return out
 
 
-def _checksums(leaves: Sequence[jax.Array]) -> list[tuple[int, int]]:
+def _to_host(values: Sequence[jax.Array]) -> list[np.ndarray]:
+    return [np.asarray(v if v.is_fully_addressable else v.addressable_data(0)) for v in values]
+
+
+def _per_device_set(leaves: Sequence[jax.Array], fn) -> list[np.ndarray]:
+    """`_dispatch_per_device_set`'s results, on the host."""
+    return _to_host(_dispatch_per_device_set(leaves, fn))
+
+
+def _start_checksums(leaves: Sequence[jax.Array]) -> Callable[..., list[tuple[int, int]]]:
+    """Starts the checksums of `leaves`, and returns the function that finishes them (its
+    `workers`: the threads that read the leaves in host memory, by default one per core).
+
+    What must happen in the caller's thread happens here: the jitted device pass is dispatched
+    (every process dispatches its programs in one order, so a collective is never launched from
+    another thread), and the leaves in host memory are taken as numpy views of their buffers
+    (one device: no copy). A view holds its buffer: while it lives, JAX does not donate that
+    buffer to a later computation (it gives the computation a new one), so the finishing function
+    reads the state as it was here, on any thread, while the caller goes on.
+    """
     on_host = [_in_host_memory(x) for x in leaves]
-    device = [x for x, host in zip(leaves, on_host) if not host]
-    device_sums = iter(_per_device_set(device, _device_checksums_all) if device else [])
-    host_leaves = [x for x, host in zip(leaves, on_host) if host]
-    host_sums = iter(_host_map(lambda x: _host_checksums(_host_words(x)), host_leaves,
-                               [_nbytes(x) for x in host_leaves]))
-    return [next(host_sums) if host else tuple(int(v) for v in next(device_sums)) for host in on_host]
+    device = _dispatch_per_device_set([x for x, host in zip(leaves, on_host) if not host],
+                                      _device_checksums_all)
+    words = [_host_words(x) for x, host in zip(leaves, on_host) if host]
+
+    def finish(workers: int | None = None) -> list[tuple[int, int]]:
+        device_sums = iter(_to_host(device))
+        host_sums = iter(_host_map(_host_checksums, words, [w.nbytes for w in words], workers))
+        return [next(host_sums) if host else tuple(int(v) for v in next(device_sums)) for host in on_host]
+
+    return finish
+
+
+def _checksums(leaves: Sequence[jax.Array]) -> list[tuple[int, int]]:
+    return _start_checksums(leaves)()
 
 
 def _non_finite_counts(leaves: Sequence[jax.Array]) -> list[int]:
@@ -224,11 +254,21 @@ def _leaf_specs(state: Any) -> dict[str, tuple[list[int], str]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def _start_fingerprint(paths_leaves: Sequence[tuple[Any, jax.Array]]) -> Callable[..., dict[str, Any]]:
+    """Starts `_fingerprint` (see `_start_checksums`); the function returned finishes it."""
+    finish_checksums = _start_checksums([leaf for _, leaf in paths_leaves])
+
+    def finish(workers: int | None = None) -> dict[str, Any]:
+        # Paths, shapes and dtypes are read here, off the caller's path (a donated array keeps them).
+        leaves = {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype), *s]
+                  for (path, leaf), s in zip(paths_leaves, finish_checksums(workers))}
+        return {"version": _FINGERPRINT_VERSION, "leaves": leaves}
+
+    return finish
+
+
 def _fingerprint(paths_leaves: Sequence[tuple[Any, jax.Array]]) -> dict[str, Any]:
-    sums = _checksums([leaf for _, leaf in paths_leaves])
-    leaves = {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype), *s]
-              for (path, leaf), s in zip(paths_leaves, sums)}
-    return {"version": _FINGERPRINT_VERSION, "leaves": leaves}
+    return _start_fingerprint(paths_leaves)()
 
 
 def _non_finite_leaves(paths_leaves: Sequence[tuple[Any, jax.Array]]) -> dict[str, int]:
@@ -243,6 +283,12 @@ def fingerprint(state: Any) -> dict[str, Any]:
     two numbers per leaf travel.
     """
     return _fingerprint(jax.tree_util.tree_flatten_with_path(state)[0])
+
+
+def start_fingerprint(state: Any) -> Callable[..., dict[str, Any]]:
+    """`fingerprint(state)` in two parts: what must run in the caller's thread runs now, and the
+    function returned finishes it, on any thread, while the caller goes on (`_start_checksums`)."""
+    return _start_fingerprint(jax.tree_util.tree_flatten_with_path(state)[0])
 
 
 def non_finite_leaves(state: Any) -> dict[str, int]:
@@ -397,6 +443,42 @@ def check_resume_config(workdir: str, config: Any) -> None:
                         "(the code changed since); the current values apply", workdir, ", ".join(unrecorded))
 
 
+class _MetaHandler(ocp.JsonCheckpointHandler):
+    """orbax's JSON handler for the meta item, whose fingerprint may still be being computed.
+
+    A save passes the fingerprint as a concurrent.futures.Future: the checksums are taken while
+    orbax writes the state, not before it (they read the state's memory at ~20 GB/s, the write
+    goes at the disk's speed), and the meta is written once they are done, inside the save's
+    commit. orbax renames a checkpoint into place only after every commit of the save, so a
+    checkpoint is never complete without its fingerprint; if the checksums fail, the save fails.
+    """
+
+    async def _save_fn(self, x, directory):
+        fingerprint_or_future = x.get(FINGERPRINT_KEY)
+        if isinstance(fingerprint_or_future, concurrent.futures.Future):
+            x = {**x, FINGERPRINT_KEY: await asyncio.wrap_future(fingerprint_or_future)}
+        await super()._save_fn(x, directory)
+
+
+@ocp.checkpoint_args.register_with_handler(_MetaHandler, for_save=True)
+@dataclasses.dataclass
+class _MetaSave(ocp.args.CheckpointArgs):
+    item: Mapping[str, Any]
+
+
+@ocp.checkpoint_args.register_with_handler(_MetaHandler, for_restore=True)
+@dataclasses.dataclass
+class _MetaRestore(ocp.args.CheckpointArgs):
+    """Reads the meta item, also of checkpoints written with orbax's own JsonSave (same file)."""
+
+
+def _fulfil(future: concurrent.futures.Future, compute: Callable[[], Any]) -> None:
+    try:
+        future.set_result(compute())
+    except BaseException as error:  # the save's commit raises it (orbax reports it at wait / the next save)
+        future.set_exception(error)
+
+
 class Checkpointer:
     """Keep-N checkpoints of (state pytree, JSON meta) under `<workdir>/checkpoints`."""
 
@@ -409,6 +491,8 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=async_save),
             item_names=("state", "meta"))
+        self._async_save = async_save
+        self._fingerprint_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
 
     @property
     def directory(self) -> epath.Path:
@@ -420,7 +504,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Starts saving (asynchronously when enabled); `wait()` or the next save finishes it.
 
-        Raises NonFiniteStateError (and writes nothing) if any leaf holds NaN or inf.
+        Raises NonFiniteStateError (and writes nothing) if any leaf holds NaN or inf. The state's
+        fingerprint is finished on a background thread while orbax writes (see `_MetaHandler`);
+        the caller may go on using, or donating, the state as soon as this returns.
         """
         paths_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
         non_finite = [f"{path} ({count})" for path, count in _non_finite_leaves(paths_leaves).items()]
@@ -429,9 +515,20 @@ class Checkpointer:
                 f"refusing to write checkpoint {step}: the train state holds non-finite values in "
                 f"{len(non_finite)} leaves ({_listing(non_finite)}); the checkpoints already in "
                 f"{self.directory} are untouched")
-        fp = _fingerprint(paths_leaves)
+        finish_fingerprint = _start_fingerprint(paths_leaves)
+        fingerprint_future: concurrent.futures.Future = concurrent.futures.Future()
+        # On one thread: it runs beside orbax's write, which compresses on the other cores; more
+        # threads would not finish it sooner than the write, only take more of the machine meanwhile.
+        compute = functools.partial(self._fingerprint_thread.submit, _fulfil, fingerprint_future,
+                                    functools.partial(finish_fingerprint, 1))
+        if not self._async_save:
+            compute()  # orbax's save returns once it is complete, meta included: it needs the fingerprint
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, FINGERPRINT_KEY: fp})))
+            state=ocp.args.StandardSave(state), meta=_MetaSave({**meta, FINGERPRINT_KEY: fingerprint_future})))
+        if self._async_save:
+            # Started once orbax holds its copy of the state (when its save returns), so the
+            # checksums do not compete with that copy for memory bandwidth.
+            compute()
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shardings and dtypes of `abstract_state` (a pytree of arrays or
@@ -467,7 +564,7 @@ class Checkpointer:
         where = f"checkpoint {step} in {self.directory}"
         error_text = "on another process"
         try:
-            meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+            meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=_MetaRestore())).meta)
         except Exception as error:  # orbax raises many types for a damaged folder; all mean "unreadable"
             meta, error_text = None, _first_line(error)
         if not _processes_agree(meta is not None):
@@ -516,3 +613,4 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+        self._fingerprint_thread.shutdown()

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import runpy
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +137,51 @@ def test_round_trip_keeps_values_and_meta_and_records_the_fingerprint(tmp_path):
             np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(state[key]))
     on_disk = json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text())
     assert on_disk["fingerprint"] == ckpt.fingerprint(state)
+
+
+def test_fingerprint_is_of_the_state_saved_when_the_caller_donates_it_at_once(tmp_path, monkeypatch):
+    """The fingerprint is finished while orbax writes; the training loop's next update donates the
+    state's buffers meanwhile. What is recorded and restored is the state as it was at save (the
+    checksums are held back until the donating update has run)."""
+    fulfil, donated = ckpt._fulfil, threading.Event()  # the background part of the fingerprint
+    monkeypatch.setattr(ckpt, "_fulfil", lambda *args: (donated.wait(10), fulfil(*args)))
+    state = {**small_state(4), "big": jnp.asarray(np.random.default_rng(4).standard_normal(2**21), jnp.float32)}
+    expected_fp = ckpt.fingerprint(state)
+    expected = {key: np.array(jax.random.key_data(x) if key == "rng" else x) for key, x in state.items()}
+    checkpointer = ckpt.Checkpointer(str(tmp_path), async_save=True)
+    checkpointer.save(1, state, {"step": 1})
+    overwrite = jax.jit(lambda x: x * 0 + 7, donate_argnums=0)
+    state = {**state, "w": overwrite(state["w"]), "big": overwrite(state["big"])}
+    donated.set()
+    checkpointer.wait()
+    on_disk = json.loads((tmp_path / "checkpoints" / "1" / "meta" / "metadata").read_text())
+    assert on_disk["fingerprint"] == expected_fp
+    restored, _ = checkpointer.restore(small_state(9) | {"big": state["big"]})  # verifies the fingerprint
+    checkpointer.close()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(jax.random.key_data(restored[key]) if key == "rng"
+                                                 else restored[key]), value)
+    assert float(state["big"][0]) == 7.0
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_failing_fingerprint_fails_the_save_and_leaves_no_checkpoint(tmp_path, monkeypatch, async_save):
+    checkpointer = ckpt.Checkpointer(str(tmp_path), async_save=async_save)
+    checkpointer.save(1, small_state(1), {"step": 1})
+    checkpointer.wait()
+
+    def broken(words):
+        raise MemoryError("checksum pass failed")
+
+    monkeypatch.setattr(ckpt, "_host_checksums", broken)
+    with pytest.raises(MemoryError, match="checksum pass failed"):
+        checkpointer.save(2, small_state(2), {"step": 2})
+        checkpointer.wait()
+    monkeypatch.undo()
+    assert checkpointer.latest_step() == 1
+    restored, meta = checkpointer.restore(small_state())
+    checkpointer.close()
+    assert meta == {"step": 1} and int(restored["step"]) == 1
 
 
 def test_another_state_structure_is_refused_naming_leaves_and_nothing_moves(tmp_path):
