@@ -9,9 +9,9 @@ What a finished save can still suffer (a disk or copy that flips bytes, a trunca
 `_METADATA`) orbax does not verify: a flipped byte can load as a wrong number, and a damaged
 file ends in a cascade of tracebacks. So every save records a fingerprint of the state in `meta`
 (per leaf: its shape, dtype and two 32-bit checksums of its bits, taken where the state lies,
-while orbax writes), and every restore recomputes it. A checkpoint that cannot be read or does not match its
-fingerprint is moved to `<workdir>/rejected_checkpoints/` (nothing is deleted) with a one-line
-warning, and the next older one is tried. A state with a NaN or inf anywhere is never written.
+while orbax writes), and every restore recomputes it. A checkpoint that cannot be read or does
+not match its fingerprint is moved to `<workdir>/rejected_checkpoints/` (nothing is deleted)
+with a one-line warning, and the next older one is tried. A state with a NaN or inf anywhere is never written.
 
 Before a run resumes, `check_resume_config` compares the config the run was started with (its
 `config.json`) with the new one: only fields that leave the experiment as it was may differ.
@@ -447,10 +447,11 @@ class _MetaHandler(ocp.JsonCheckpointHandler):
     """orbax's JSON handler for the meta item, whose fingerprint may still be being computed.
 
     A save passes the fingerprint as a concurrent.futures.Future: the checksums are taken while
-    orbax writes the state, not before it (they read the state's memory at ~20 GB/s, the write
-    goes at the disk's speed), and the meta is written once they are done, inside the save's
-    commit. orbax renames a checkpoint into place only after every commit of the save, so a
-    checkpoint is never complete without its fingerprint; if the checksums fail, the save fails.
+    orbax writes the state, not before it (they read the state's memory at ~20 GB/s; the write
+    goes at the speed of orbax's compression and the disk), and the meta is written once they are
+    done, inside the save's commit. orbax renames a checkpoint into place only after every commit
+    of the save, so a checkpoint is never complete without its fingerprint; if the checksums
+    fail, the save fails.
     """
 
     async def _save_fn(self, x, directory):
