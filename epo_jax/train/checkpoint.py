@@ -222,10 +222,6 @@ def _start_checksums(leaves: Sequence[jax.Array]) -> Callable[..., list[tuple[in
     return finish
 
 
-def _checksums(leaves: Sequence[jax.Array]) -> list[tuple[int, int]]:
-    return _start_checksums(leaves)()
-
-
 def _non_finite_counts(leaves: Sequence[jax.Array]) -> list[int]:
     """NaN / inf per leaf: a float reduction flags the leaves that may hold any, and only those
     are counted. In host memory numpy's sum of the float32 / float64 values does (finite when
